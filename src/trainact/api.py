@@ -1,0 +1,238 @@
+"""The public verbs: enable TrAct on a layer, remove it, ask about it, and finish deferred steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from trainact import distributed
+from trainact.maths import precondition_with_gram
+from trainact.nn.discovery import find_first_layer
+from trainact.nn.layer import TrActForward, statistics_dtype, unpack_gram
+
+__all__ = [
+    "TrAct",
+    "apply",
+    "enabled_layers",
+    "is_enabled",
+    "precondition_",
+    "precondition_on_step",
+    "remove",
+]
+
+logger = logging.getLogger("trainact")
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _tract(module: nn.Module) -> TrActForward | None:
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, TrActForward) else None
+
+
+def _validate_lam(lam: float) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise ValueError(f"lam (λ) must be a positive finite number, got {lam!r}")
+    if not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"lam (λ) must be a positive finite number, got {lam!r}")
+    return float(lam)
+
+
+def _enable(
+    layer: M,
+    name: str,
+    lam: float,
+    process_group: distributed.ProcessGroupArg,
+    defer: bool,
+) -> M:
+    lam = _validate_lam(lam)
+    distributed.validate_process_group(process_group)
+    if _tract(layer) is not None:
+        raise RuntimeError(
+            f"TrAct is already enabled on {name or type(layer).__name__}; "
+            "call trainact.remove() first to change its settings"
+        )
+    if "forward" in layer.__dict__:
+        raise RuntimeError(
+            f"{name or type(layer).__name__} already has its forward replaced by "
+            f"{layer.__dict__['forward']!r}; TrAct would discard it"
+        )
+    layer.forward = TrActForward(layer, lam, process_group, defer)
+    logger.info(
+        "TrAct enabled on %s (%s): lambda=%g, weight %s, statistics %s, world size %d%s",
+        name or "<model>",
+        type(layer).__name__,
+        lam,
+        layer.weight.dtype,
+        statistics_dtype(layer.weight),
+        distributed.world_size(process_group),
+        ", deferred" if defer else "",
+    )
+    return layer
+
+
+def TrAct(  # noqa: N802  (the reference implementation's name, kept as a drop-in)
+    layer: M,
+    l: float = 0.1,  # noqa: E741
+    *,
+    process_group: distributed.ProcessGroupArg = "auto",
+    defer: bool = False,
+) -> M:
+    """Enable TrAct on ``layer`` and return the same layer (a drop-in for ``torch_tract.TrAct``).
+
+    Example:
+        >>> import torch, trainact
+        >>> conv = trainact.TrAct(torch.nn.Conv2d(3, 8, 3), l=0.1)
+        >>> trainact.is_enabled(conv)
+        True
+
+    Args:
+        layer: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (any options).
+        l: λ > 0, the regularization of Lemma 1 (the paper's default 0.1).
+        process_group: whose statistics a step uses: "auto" (all processes of the default
+            group when torch.distributed runs with world size > 1, else this process's),
+            None (this process's only, like the reference), or a ProcessGroup.
+        defer: keep the weight gradient plain during backward and sum the statistics over
+            backward passes; :func:`precondition_` then applies TrAct once (for gradient
+            accumulation).
+
+    Raises:
+        TypeError: ``layer`` is not a supported layer.
+        ValueError: λ is not a positive finite number; bad ``process_group``.
+        RuntimeError: TrAct is already enabled on ``layer`` (it is never applied twice).
+    """
+    return _enable(layer, "", l, process_group, defer)
+
+
+def apply(
+    model: nn.Module,
+    lam: float = 0.1,
+    *,
+    layer: str | None = None,
+    process_group: distributed.ProcessGroupArg = "auto",
+    defer: bool = False,
+) -> str:
+    """Enable TrAct on one layer of ``model`` and return that layer's name.
+
+    The model, its forward values and its ``state_dict`` are unchanged; only the layer's weight
+    gradient becomes G·(XᵀX/n + λI)⁻¹ in training mode.
+
+    Example:
+        >>> import torch, trainact
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+        ...                             torch.nn.Flatten(), torch.nn.LazyLinear(10))
+        >>> trainact.apply(model)
+        '0'
+
+    Args:
+        model: any module.
+        lam: λ > 0.
+        layer: dotted name from ``model.named_modules()``; None finds the first layer (the
+            Conv/Linear the model's input reaches first, see
+            :func:`trainact.nn.discovery.find_first_layer`); '' is ``model`` itself.
+        process_group, defer: as for :func:`TrAct`.
+
+    Returns:
+        The name of the layer TrAct was enabled on ('' when ``model`` is itself the layer).
+
+    Raises:
+        ValueError: bad λ, no eligible layer, no single first layer, unknown ``layer`` name.
+        TypeError: the named layer is not supported.
+        RuntimeError: TrAct is already enabled on that layer.
+    """
+    if layer is None:
+        layer = find_first_layer(model)
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise ValueError(f"{type(model).__name__} has no submodule named {layer!r}")
+    _enable(modules[layer], layer, lam, process_group, defer)
+    return layer
+
+
+def remove(model: M) -> M:
+    """Disable TrAct on every layer of ``model`` (itself included); returns ``model``.
+
+    The class's forward is back, with the same parameters: an optimizer keeps working. Pending
+    deferred statistics are dropped.
+    """
+    for _, module in enabled_layers(model):
+        del module.forward
+    return model
+
+
+def is_enabled(module: nn.Module) -> bool:
+    """Whether TrAct is enabled on ``module`` or on any of its submodules."""
+    return bool(enabled_layers(module))
+
+
+def enabled_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) for every layer of ``model`` with TrAct enabled."""
+    return [(n, m) for n, m in model.named_modules() if _tract(m) is not None]
+
+
+def precondition_(model: nn.Module) -> int:
+    """Apply TrAct to the gradients accumulated by layers enabled with ``defer=True``.
+
+    Call it once per optimizer step, after the last backward (and after DDP has averaged the
+    gradients, i.e. outside ``no_sync()``) and after ``GradScaler.unscale_`` if you clip, but
+    before gradient clipping and ``optimizer.step()``. The statistics summed over the
+    micro-batches are summed across processes too (one blocking all-reduce per layer when
+    distributed), so k micro-batches of size B on W processes give the update of one batch of
+    k·W·B. The sums are then reset. TrAct is linear in G, so the order with respect to the
+    loss scale of a GradScaler does not matter.
+
+    Returns:
+        How many layers were preconditioned.
+
+    Raises:
+        NotImplementedError: a sharded (FSDP2) gradient of a grouped convolution.
+    """
+    done = 0
+    for _, layer in enabled_layers(model):
+        state = _tract(layer)
+        if not state.defer or state.pending is None:
+            continue
+        stats, state.pending, state.pending_version = state.pending, None, None
+        distributed.all_reduce(stats, distributed.resolve(state.process_group))
+        grad = layer.weight.grad
+        if grad is None:
+            continue
+        groups, dim = state.adapter.groups, state.adapter.dim
+        shard = distributed.local(grad)
+        if shard.shape != grad.shape and groups > 1:
+            raise NotImplementedError("sharded gradients of grouped convolutions")
+        # TrAct acts on each output row alone, so a row-sharded gradient is preconditioned
+        # shard by shard with the same statistics.
+        gram, count = unpack_gram(stats, groups, dim)
+        new = precondition_with_gram(shard.reshape(groups, -1, dim), gram, count, state.lam)
+        with torch.no_grad():
+            shard.copy_(new.reshape(shard.shape))
+        done += 1
+    return done
+
+
+def precondition_on_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+    """Call :func:`precondition_` automatically before every ``optimizer.step()``.
+
+    Registers an optimizer step pre-hook and returns its removable handle. It runs inside
+    ``optimizer.step()``: after ``GradScaler.unscale_`` (which ``scaler.step`` calls first),
+    but after any gradient clipping you did yourself, so clip only if you call
+    :func:`precondition_` by hand instead.
+    """
+    hook: Callable[..., None] = _StepPreHook(model)
+    return optimizer.register_step_pre_hook(hook)
+
+
+class _StepPreHook:
+    """Picklable step pre-hook that finishes deferred TrAct steps."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        precondition_(self.model)

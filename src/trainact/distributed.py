@@ -1,0 +1,74 @@
+"""The only place trainact talks to torch.distributed: which group to sum statistics over,
+and the all-reduce itself. Single-process runs never reach a collective.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import torch.distributed as dist
+from torch import Tensor
+
+#: "auto": the default group whenever torch.distributed runs with world size > 1;
+#: None: each process keeps its own statistics; or an explicit ProcessGroup.
+ProcessGroupArg = Union[Literal["auto"], None, "dist.ProcessGroup"]
+
+
+def validate_process_group(process_group: object) -> None:
+    """Reject anything that is not "auto", None or a ProcessGroup, at enabling time."""
+    if process_group is None or process_group == "auto":
+        return
+    if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
+        return
+    raise ValueError(
+        f'process_group must be "auto", None or a torch.distributed.ProcessGroup, '
+        f"got {process_group!r}"
+    )
+
+
+def resolve(process_group: ProcessGroupArg) -> dist.ProcessGroup | None:
+    """The group whose statistics are summed this step, or None for purely local statistics."""
+    if process_group is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    group = dist.group.WORLD if process_group == "auto" else process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def all_reduce_async(tensor: Tensor, group: dist.ProcessGroup) -> dist.Work:
+    """Start summing ``tensor`` in place across ``group``; wait on the returned work."""
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def all_reduce(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Sum ``tensor`` in place across ``group`` (a no-op for None) and return it."""
+    if group is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def world_size(process_group: ProcessGroupArg) -> int:
+    """The number of processes whose statistics a step would combine now."""
+    group = resolve(process_group)
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def is_dtensor(tensor: Tensor) -> bool:
+    """FSDP2 shards parameters (and their gradients) as DTensors."""
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+__all__ = [
+    "ProcessGroupArg",
+    "all_reduce",
+    "all_reduce_async",
+    "is_dtensor",
+    "local",
+    "resolve",
+    "validate_process_group",
+    "world_size",
+]

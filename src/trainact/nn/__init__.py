@@ -1,0 +1,1 @@
+"""The PyTorch integration: per-layer adapters, the preconditioning forward, layer discovery."""

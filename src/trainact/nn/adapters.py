@@ -1,0 +1,151 @@
+"""One adapter per layer family: how a layer sees its input as patches, and its forward.
+
+Every adapter answers the same questions (the kfac-pytorch pattern): the layer's forward with a
+given weight tensor, the patch geometry (groups, d per group, n for an input), and the patches
+themselves as a stream of bounded ``(groups, rows, d)`` chunks, taken exactly as the layer's
+forward sees its input (after its padding mode, with its stride, dilation and groups).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Largest patch chunk held at once, in bytes of the statistics dtype (bounds the extra memory).
+CHUNK_BYTES = 16 * 2**20
+
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class LinearAdapter:
+    """``nn.Linear`` on inputs of any number of leading dimensions: one patch per row."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.layer = layer
+
+    @property
+    def groups(self) -> int:
+        return 1
+
+    @property
+    def dim(self) -> int:
+        return self.layer.in_features
+
+    def forward(self, input: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(input, weight, self.layer.bias)
+
+    def num_patches(self, input: Tensor) -> int:
+        return input.numel() // self.dim if input.dim() > 0 else 0
+
+    def chunks(self, input: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
+        rows = input.reshape(-1, self.dim)
+        if rows.dtype == dtype and rows.shape[0] > 0:
+            yield rows.unsqueeze(0)  # already the right dtype: no copy at all
+            return
+        step = max(1, CHUNK_BYTES // (self.dim * dtype.itemsize))
+        for start in range(0, rows.shape[0], step):
+            yield rows[start : start + step].unsqueeze(0)
+
+
+class ConvAdapter:
+    """``nn.Conv1d/2d/3d`` with every option: stride, padding (incl. 'same'), dilation, groups,
+    padding_mode; the patch matrix is a strided view of the (padded) input, copied chunk by chunk.
+    """
+
+    def __init__(self, layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+        self.layer = layer
+        self.spatial = len(layer.kernel_size)
+
+    @property
+    def groups(self) -> int:
+        return self.layer.groups
+
+    @property
+    def dim(self) -> int:
+        return self.layer.in_channels // self.layer.groups * math.prod(self.layer.kernel_size)
+
+    def forward(self, input: Tensor, weight: Tensor) -> Tensor:
+        return self.layer._conv_forward(input, weight, self.layer.bias)
+
+    def _pads(self) -> list[int]:
+        return list(self.layer._reversed_padding_repeated_twice)
+
+    def _output_size(self, input: Tensor) -> list[int]:
+        layer, pads = self.layer, self._pads()
+        sizes = []
+        for i in range(self.spatial):
+            # F.pad order is last dimension first.
+            total = pads[2 * (self.spatial - 1 - i)] + pads[2 * (self.spatial - 1 - i) + 1]
+            span = layer.dilation[i] * (layer.kernel_size[i] - 1) + 1
+            sizes.append((input.shape[2 + i] + total - span) // layer.stride[i] + 1)
+        return sizes
+
+    def num_patches(self, input: Tensor) -> int:
+        batch = input.shape[0] if input.dim() == self.spatial + 2 else 1
+        return batch * math.prod(self._output_size(input))
+
+    def chunks(self, input: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
+        layer, n_sp = self.layer, self.spatial
+        if input.dim() == n_sp + 1:  # unbatched input, as the conv layers accept
+            input = input.unsqueeze(0)
+        per_sample = math.prod(self._output_size(input))
+        if per_sample <= 0:
+            return
+        rows_budget = max(1, CHUNK_BYTES // (self.dim * self.groups * dtype.itemsize))
+        batch_step = max(1, rows_budget // per_sample)
+        pads = self._pads()
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        for start in range(0, input.shape[0], batch_step):
+            x = input[start : start + batch_step]
+            if any(pads):
+                x = F.pad(x, pads, mode=mode)
+            # (b, C, *S) -> (b, g, C/g, *S) -> unfold each spatial dim: (b, g, C/g, *out, *span)
+            v = x.unflatten(1, (self.groups, -1))
+            for i in range(n_sp):
+                span = layer.dilation[i] * (layer.kernel_size[i] - 1) + 1
+                v = v.unfold(3 + i, span, layer.stride[i])
+            if any(d > 1 for d in layer.dilation):
+                v = v[(..., *(slice(None, None, d) for d in layer.dilation))]
+            # -> (g, b, *out, C/g, *kernel): rows are (b, *out), columns match weight[o].flatten()
+            order = [1, 0, *range(3, 3 + n_sp), 2, *range(3 + n_sp, 3 + 2 * n_sp)]
+            v = v.permute(order)
+            if batch_step > 1 or per_sample <= rows_budget:
+                yield v.reshape(self.groups, -1, self.dim)
+                continue
+            # One sample is larger than the budget: split it along its first output dimension.
+            row_step = max(1, rows_budget // (per_sample // v.shape[2]))
+            for r in range(0, v.shape[2], row_step):
+                yield v[:, :, r : r + row_step].reshape(self.groups, -1, self.dim)
+
+
+Adapter = LinearAdapter | ConvAdapter
+
+
+def adapter_for(layer: nn.Module) -> Adapter:
+    """The adapter for a supported layer; TypeError naming the class otherwise.
+
+    Subclasses are accepted only when they keep the parent's forward, since TrAct re-runs that
+    forward with its own weight tensor; a subclass with its own forward (weight standardization,
+    say) would silently change meaning.
+    """
+    for base, make in (
+        (nn.Linear, LinearAdapter),
+        (nn.Conv1d, ConvAdapter),
+        (nn.Conv2d, ConvAdapter),
+        (nn.Conv3d, ConvAdapter),
+    ):
+        if isinstance(layer, base) and type(layer).forward is base.forward:
+            if isinstance(layer, nn.modules.conv._ConvNd) and (
+                type(layer)._conv_forward is not base._conv_forward
+            ):
+                break
+            return make(layer)
+    names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_TYPES)
+    raise TypeError(
+        f"TrAct does not support {type(layer).__module__}.{type(layer).__qualname__}; "
+        f"supported layers are {names} (subclasses only when they keep the parent's forward)"
+    )
