@@ -81,7 +81,8 @@ class ConvAdapter:
             # F.pad order is last dimension first.
             total = pads[2 * (self.spatial - 1 - i)] + pads[2 * (self.spatial - 1 - i) + 1]
             span = layer.dilation[i] * (layer.kernel_size[i] - 1) + 1
-            sizes.append((input.shape[2 + i] + total - span) // layer.stride[i] + 1)
+            size = input.shape[input.dim() - self.spatial + i]  # batched or not
+            sizes.append((size + total - span) // layer.stride[i] + 1)
         return sizes
 
     def num_patches(self, input: Tensor) -> int:
