@@ -7,6 +7,16 @@ from torch import nn
 
 from trainact.nn.adapters import SUPPORTED_TYPES
 
+#: Nodes that read only a tensor's metadata: the input's values do not flow through them.
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+_METADATA_METHODS = {"size", "dim", "numel", "type", "get_device"}
+
+
+def _metadata_only(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA_ATTRS
+
 
 def _eligible(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
@@ -17,10 +27,11 @@ def find_first_layer(model: nn.Module) -> str:
 
     How it decides: a model whose only Conv/Linear is one layer (or is itself one) needs no
     search. Otherwise the model is traced with ``torch.fx``; a candidate is a Conv/Linear call
-    that some model input reaches without passing through another Conv/Linear. Exactly one
-    candidate is the answer. Several (inputs that feed two layers) or a model that fx cannot
-    trace (data-dependent control flow) cannot be decided: a ValueError lists the candidates
-    and asks for ``layer=``.
+    that some model input reaches without passing through another Conv/Linear (reading only
+    the input's shape, as a class token's ``expand(x.shape[0], ...)`` does, does not count).
+    Exactly one candidate is the answer. Several (inputs that feed two layers) or a model that
+    fx cannot trace (data-dependent control flow) cannot be decided: a ValueError lists the
+    candidates and asks for ``layer=``.
 
     Raises:
         ValueError: no eligible layer, or no single first one.
@@ -47,7 +58,7 @@ def find_first_layer(model: nn.Module) -> str:
         if node.op == "placeholder":
             reaches[node] = True
             continue
-        fed = any(reaches.get(arg, False) for arg in node.all_input_nodes)
+        fed = not _metadata_only(node) and any(reaches.get(a, False) for a in node.all_input_nodes)
         layer = node.op == "call_module" and isinstance(modules.get(node.target), SUPPORTED_TYPES)
         if layer and fed and node.target not in candidates:
             candidates.append(node.target)

@@ -1,0 +1,106 @@
+"""TrAct inside real training machinery: autocast + GradScaler, torch.compile, checkpointing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import reference_tract_grad
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import trainact
+
+
+def small_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+
+
+def _grads(model: nn.Module, x: torch.Tensor, forward=None) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    out = (forward or model)(x)
+    out.float().square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_autocast_bf16_with_grad_scaler():
+    """Under autocast the layer's plain G (from bf16 kernels) is preconditioned in float32."""
+    model, x = small_cnn(), torch.randn(6, 3, 10, 10) * 2
+    plain = copy.deepcopy(model)
+    trainact.apply(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    grads = {}
+    for m in (model, plain):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        assert out.dtype == torch.bfloat16
+        scaler.scale(out.float().square().mean()).backward()
+        grads[m] = m[0].weight.grad.clone()
+    assert grads[model].dtype == torch.float32
+    expected = reference_tract_grad(model[0], x, grads[plain], 0.1)
+    torch.testing.assert_close(grads[model].double(), expected, rtol=1e-4, atol=1e-4)
+    # the scaler unscales and steps; an inf gradient is skipped as without TrAct
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler.step(opt)
+    scaler.update()
+    before = model[0].weight.detach().clone()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().square().mean() * float("inf")
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    assert torch.equal(model[0].weight, before), "a non-finite step must be skipped"
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    model, x = small_cnn(), torch.randn(4, 3, 10, 10)
+    eager = copy.deepcopy(model)
+    trainact.apply(model)
+    trainact.apply(eager)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    got, expected = _grads(model, x, compiled), _grads(eager, x)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    plain = trainact.remove(copy.deepcopy(eager))
+    assert not torch.allclose(got["0.weight"], _grads(plain, x)["0.weight"])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_neither_double_counts_nor_mispairs(reentrant):
+    model, x = small_cnn(), torch.randn(4, 3, 10, 10)
+    reference = copy.deepcopy(model)
+    trainact.apply(model)
+    trainact.apply(reference)
+    calls = []
+
+    def forward(inp):
+        # the TrAct layer is called twice inside the checkpointed region, on different inputs
+        def region(t):
+            calls.append(1)
+            return model[1](model[0](t)) + model[1](model[0](t * 3 + 1))
+
+        h = checkpoint(region, inp, use_reentrant=reentrant)
+        return model[2:](h)
+
+    def reference_forward(inp):
+        h = reference[1](reference[0](inp)) + reference[1](reference[0](inp * 3 + 1))
+        return reference[2:](h)
+
+    got = _grads(model, x.requires_grad_(reentrant), forward)
+    expected = _grads(reference, x.detach(), reference_forward)
+    assert len(calls) == 2, "the region must have been recomputed"
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
