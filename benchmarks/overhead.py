@@ -1,0 +1,168 @@
+"""What TrAct costs: time and peak memory ratios against the plain layer and ``torch_tract``.
+
+    python benchmarks/overhead.py                 # both benchmarks on the CPU
+    python benchmarks/overhead.py --device cuda   # on a GPU
+
+1. ImageNet stem (Conv2d 3→64, 7×7, stride 2, padding 3, 224², batch 32), forward + backward of
+   the layer alone: TrAct's extra time and extra peak memory over the plain layer, as a fraction
+   of ``torch_tract``'s (targets: ≤ 0.5 for time, ≤ 0.25 for memory).
+2. A whole training step (forward, backward, SGD step) of a small CIFAR ResNet at batch 128:
+   time with TrAct on its stem over time without (target: ≤ 1.03).
+
+Each measurement runs in its own process, so that peak memory (CUDA's peak allocation, or the
+process's peak resident set on the CPU) belongs to one method; the methods are interleaved
+over several rounds and the median is reported, which keeps a busy machine from favouring one.
+On the CPU, memory is measured in separate processes with glibc's mmap threshold fixed
+(MALLOC_MMAP_THRESHOLD_), so that freed blocks go back to the system and the peak resident set
+is the peak of live memory rather than of glibc's cached heap; times come from the default
+allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import trainact
+
+STEM_METHODS = ("plain", "trainact", "torch_tract")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def stem_worker(method: str, batch: int, repeats: int, device: str) -> dict[str, float]:
+    """Time (best of ``repeats``) and peak memory of one method's stem forward + backward."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+    if method == "trainact":
+        trainact.TrAct(layer)
+    elif method == "torch_tract":
+        import torch_tract
+
+        layer = torch_tract.TrAct(layer)
+    layer = layer.to(device)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    grad = torch.ones(batch, 64, 112, 112, device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        layer.weight.grad = None
+        _sync(device)
+        start = time.perf_counter()
+        layer(x).backward(grad)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"ms": 1000 * min(times[1:]), "peak_mib": _peak_mib(device)}
+
+
+def step_worker(method: str, batch: int, repeats: int, device: str, model_name: str) -> dict:
+    """Median time of a whole training step of a small CIFAR ResNet."""
+    from trainact.experiments.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=10).to(device)
+    if method == "trainact":
+        trainact.apply(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    times = []
+    for _ in range(repeats + 2):  # two warm-ups
+        _sync(device)
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"ms": 1000 * statistics.median(times[2:]), "peak_mib": _peak_mib(device)}
+
+
+def _run_worker(args: argparse.Namespace, bench: str, method: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", bench, "--method", method]
+    cmd += ["--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats)]
+    cmd += ["--step-batch", str(args.step_batch), "--model", args.model]
+
+    def run(env: dict[str, str]) -> dict:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    result = run(dict(os.environ))
+    if args.device == "cpu" and bench == "stem":
+        result["peak_mib"] = run({**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})["peak_mib"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=32, help="stem batch size")
+    parser.add_argument("--step-batch", type=int, default=128, help="ResNet step batch size")
+    parser.add_argument("--model", default="resnet18", help="the CIFAR ResNet of benchmark 2")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per process")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved processes per method")
+    parser.add_argument("--only", choices=["stem", "step"], help="run one benchmark")
+    parser.add_argument("--worker", choices=["stem", "step"], help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "stem":
+        print(json.dumps(stem_worker(args.method, args.batch, args.repeats, args.device)))
+        return
+    if args.worker == "step":
+        res = step_worker(args.method, args.step_batch, args.repeats, args.device, args.model)
+        print(json.dumps(res))
+        return
+
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.only in (None, "stem"):
+        runs = {m: [] for m in STEM_METHODS}
+        for _ in range(args.rounds):
+            for m in STEM_METHODS:
+                runs[m].append(_run_worker(args, "stem", m))
+        ms = {m: statistics.median(r["ms"] for r in runs[m]) for m in STEM_METHODS}
+        mib = {m: statistics.median(r["peak_mib"] for r in runs[m]) for m in STEM_METHODS}
+        extra_ms = {m: ms[m] - ms["plain"] for m in STEM_METHODS}
+        extra_mib = {m: mib[m] - mib["plain"] for m in STEM_METHODS}
+        print(f"\nImageNet stem, batch {args.batch}, forward+backward of the layer")
+        print(f"{'method':<12}{'ms':>10}{'extra ms':>10}{'peak MiB':>10}{'extra MiB':>11}")
+        for m in STEM_METHODS:
+            print(f"{m:<12}{ms[m]:>10.1f}{extra_ms[m]:>10.1f}{mib[m]:>10.1f}{extra_mib[m]:>11.1f}")
+        time_ratio = extra_ms["trainact"] / extra_ms["torch_tract"]
+        print(f"extra time  trainact/torch_tract = {time_ratio:.3f} (target <= 0.5)")
+        print(
+            f"extra peak  trainact/torch_tract = "
+            f"{extra_mib['trainact'] / extra_mib['torch_tract']:.3f} (target <= 0.25)"
+        )
+    if args.only in (None, "step"):
+        ratios = []
+        for _ in range(args.rounds):
+            base = _run_worker(args, "step", "plain")["ms"]
+            tract = _run_worker(args, "step", "trainact")["ms"]
+            ratios.append(tract / base)
+            print(f"  {args.model} step: plain {base:.1f} ms, trainact {tract:.1f} ms")
+        print(
+            f"\n{args.model} training step, batch {args.step_batch}: time with TrAct / without = "
+            f"{statistics.median(ratios):.3f} (median of {args.rounds}; target <= 1.03)"
+        )
+
+
+if __name__ == "__main__":
+    main()
