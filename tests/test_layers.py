@@ -232,3 +232,19 @@ def test_several_calls_each_use_their_own_input():
         p(x).square().sum().backward()
         expected = expected + reference_tract_grad(tract, x, p.weight.grad, 0.1)
     torch.testing.assert_close(tract.weight.grad, expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("batch,uses_patches", [(1, True), (30, False)])
+def test_n_below_d_solves_the_n_by_n_form(monkeypatch, batch, uses_patches):
+    """n = batch·9 against d = 2·5·5 = 50: the push-through form exactly when n < d."""
+    calls = []
+    original = trainact.nn.layer.precondition_with_patches
+    monkeypatch.setattr(
+        trainact.nn.layer,
+        "precondition_with_patches",
+        lambda *a: calls.append(a[1].shape) or original(*a),
+    )
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 3, 5).double()
+    _check(layer, torch.randn(batch, 2, 7, 7, dtype=torch.float64), 0.1, 1e-7, 1e-9)
+    assert calls == ([(1, batch * 9, 50)] if uses_patches else [])
