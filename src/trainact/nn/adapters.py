@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Largest patch chunk held at once, in bytes of the statistics dtype (bounds the extra memory).
-CHUNK_BYTES = 16 * 2**20
+#: On the CPU a chunk that stays in cache between its copy and its GEMM is fastest (measured:
+#: 2 to 4 MiB beat 16 MiB by ~7% of TrAct's cost on an ImageNet stem); accelerators prefer fewer,
+#: larger chunks (fewer kernel launches).
+CHUNK_BYTES = 4 * 2**20
+ACCELERATOR_CHUNK_BYTES = 32 * 2**20
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """The chunk budget for tensors on ``device``."""
+    return CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+
 
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -46,7 +56,7 @@ class LinearAdapter:
         if rows.dtype == dtype and rows.shape[0] > 0:
             yield rows.unsqueeze(0)  # already the right dtype: no copy at all
             return
-        step = max(1, CHUNK_BYTES // (self.dim * dtype.itemsize))
+        step = max(1, chunk_bytes(rows.device) // (self.dim * dtype.itemsize))
         for start in range(0, rows.shape[0], step):
             yield rows[start : start + step].unsqueeze(0)
 
@@ -96,7 +106,7 @@ class ConvAdapter:
         per_sample = math.prod(self._output_size(input))
         if per_sample <= 0:
             return
-        rows_budget = max(1, CHUNK_BYTES // (self.dim * self.groups * dtype.itemsize))
+        rows_budget = max(1, chunk_bytes(input.device) // (self.dim * self.groups * dtype.itemsize))
         batch_step = max(1, rows_budget // per_sample)
         pads = self._pads()
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
