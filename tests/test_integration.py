@@ -104,3 +104,19 @@ def test_checkpoint_neither_double_counts_nor_mispairs(reentrant):
     assert len(calls) == 2, "the region must have been recomputed"
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_compile_with_deferred_accumulation_equals_one_big_batch():
+    """defer=True runs the layer eagerly under compile (a graph break) and stays exact."""
+    torch._dynamo.reset()
+    model, x = small_cnn(), torch.randn(8, 3, 10, 10)
+    reference = copy.deepcopy(model)
+    trainact.apply(model, defer=True)
+    trainact.apply(reference)
+    compiled = torch.compile(model, backend="aot_eager")
+    for part in x.chunk(4):
+        (compiled(part).square().mean() / 4).backward()
+    assert trainact.precondition_(model) == 1
+    expected = _grads(reference, x)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)

@@ -91,8 +91,19 @@ class TrActForward:
         layer, weight = self.layer, self.layer.weight
         if not (layer.training and torch.is_grad_enabled() and weight.requires_grad):
             return self.adapter.forward(input, weight)  # eval, no_grad, frozen: no extra work
+        if self.defer or distributed.resolve(self.process_group) is not None:
+            return self._eager_forward(input, weight)
+        return self._preconditioned_forward(input, weight)
+
+    @torch.compiler.disable
+    def _eager_forward(self, input: Tensor, weight: Tensor) -> Tensor:
+        """Deferred sums (Python state) and asynchronous collectives (Work handles) do not
+        trace: under torch.compile this layer then runs eagerly, the rest stays compiled."""
         if self.defer:
             self._refuse_missed_precondition(weight)
+        return self._preconditioned_forward(input, weight)
+
+    def _preconditioned_forward(self, input: Tensor, weight: Tensor) -> Tensor:
         with torch.autocast(input.device.type, enabled=False):
             stats, work, use_patches = self._statistics(input.detach(), weight)
         routed = PreconditionWeight.apply(weight, stats, self, work, use_patches)
