@@ -40,14 +40,14 @@ class PreconditionWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, stats, owner, work, use_patches):  # noqa: D102
-        ctx.save_for_backward(stats)
-        ctx.owner, ctx.work, ctx.use_patches = owner, work, use_patches
+        # Kept on ctx, not saved: non-reentrant checkpointing would otherwise hand backward the
+        # recomputed statistics, whose all-reduce is not the ``work`` waited on below.
+        ctx.stats, ctx.owner, ctx.work, ctx.use_patches = stats, owner, work, use_patches
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        (stats,) = ctx.saved_tensors
-        owner: TrActForward = ctx.owner
+        stats, owner = ctx.stats, ctx.owner
         if ctx.work is not None:
             ctx.work.wait()  # the all-reduce started in forward, overlapped with the step
         if owner.defer:
