@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import scenarios
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import scenarios
 
 WORLD_SIZE = 2
 DEADLINE_S = 240
@@ -66,8 +65,9 @@ def scenario(results: list[dict[str, Any]], request: pytest.FixtureRequest):
         ranks = [ranked.get(name) for ranked in results]
         for rank, measured in enumerate(ranks):
             if measured is None:
-                pytest.fail(f"scenario {name!r} did not run on rank {rank}: "
-                            f"{results[rank]['_failure']}")
+                pytest.fail(
+                    f"scenario {name!r} did not run on rank {rank}: {results[rank]['_failure']}"
+                )
             if "error" in measured:
                 pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{measured['error']}")
         return ranks

@@ -9,7 +9,6 @@ group waiting in a collective.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import traceback
@@ -110,16 +109,16 @@ def reference(model_fn: Callable[[], nn.Module], steps: Steps, per_rank: bool) -
     model = model_fn()
     trainact.apply(model, LAM, layer=FIRST_LAYER[model_fn], process_group=None)
     opt = sgd(model)
-    for micro_batches, data in zip(steps, global_data(model_fn, steps)):
+    for micro_batches, data in zip(steps, global_data(model_fn, steps), strict=True):
         opt.zero_grad()
         scale = 1.0 / step_size(micro_batches)
         shares = [share for micro in data for share in micro]
         if per_rank:
             for rank in range(len(micro_batches[0])):
-                xs, ys = zip(*(micro[rank] for micro in data))
+                xs, ys = zip(*(micro[rank] for micro in data), strict=True)
                 loss_fn(model(torch.cat(xs)), torch.cat(ys), scale).backward()
         else:
-            xs, ys = zip(*shares)
+            xs, ys = zip(*shares, strict=True)
             loss_fn(model(torch.cat(xs)), torch.cat(ys), scale).backward()
         opt.step()
     return model
@@ -221,7 +220,7 @@ def train_distributed(
     log = CollectiveLog()
     unwaited_after_forward = 0
     with log.patched():
-        for micro_batches, data in zip(steps, global_data(model_fn, steps)):
+        for micro_batches, data in zip(steps, global_data(model_fn, steps), strict=True):
             opt.zero_grad()
             scale = world / step_size(micro_batches)
             for j, micro in enumerate(data):

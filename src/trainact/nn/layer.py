@@ -85,7 +85,8 @@ class TrActForward:
         self.process_group = process_group
         self.defer = defer
         self.pending: Tensor | None = None  # deferred statistics, summed over backward passes
-        self.pending_version: int | None = None  # weight version when they were gathered
+        # (parameter, its version) once the backward that gathered them has finished
+        self.pending_version: tuple[Tensor, int] | None = None
 
     def __call__(self, input: Tensor) -> Tensor:
         layer, weight = self.layer, self.layer.weight
@@ -100,7 +101,7 @@ class TrActForward:
         """Deferred sums (Python state) and asynchronous collectives (Work handles) do not
         trace: under torch.compile this layer then runs eagerly, the rest stays compiled."""
         if self.defer:
-            self._refuse_missed_precondition(weight)
+            self._refuse_missed_precondition()
         return self._preconditioned_forward(input, weight)
 
     def _preconditioned_forward(self, input: Tensor, weight: Tensor) -> Tensor:
@@ -126,10 +127,19 @@ class TrActForward:
     def accumulate(self, stats: Tensor) -> None:
         """Add one backward pass's statistics to the deferred sum (``defer=True``)."""
         self.pending = stats.clone() if self.pending is None else self.pending.add_(stats)
-        self.pending_version = self.layer.weight._version
+        torch.autograd.Variable._execution_engine.queue_callback(self._record_weight_version)
 
-    def _refuse_missed_precondition(self, weight: Tensor) -> None:
-        if self.pending is not None and weight._version != self.pending_version:
+    def _record_weight_version(self) -> None:
+        """At the end of backward, when FSDP2 has put the sharded parameter back on the layer:
+        its version is the one an optimizer step bumps (the unsharded one's never changes)."""
+        weight = self.layer.weight
+        self.pending_version = (weight, weight._version)
+
+    def _refuse_missed_precondition(self) -> None:
+        if self.pending is None or self.pending_version is None:
+            return
+        weight, version = self.pending_version
+        if weight._version != version:
             raise RuntimeError(
                 f"TrAct (defer=True) on {type(self.layer).__name__}: the weight changed while "
                 "accumulated statistics were pending, so an optimizer step ran on a gradient "
