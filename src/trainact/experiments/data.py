@@ -182,9 +182,9 @@ def load_dataset(
 def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Sorted indices of ``n`` samples drawn uniformly at random within each class.
 
-    Classes get ``n // k`` samples each; the remainder goes one each to the first classes in label
-    order, and a class with too few samples gives its share to the others. The same ``seed``
-    always gives the same indices.
+    Classes get ``n // k`` samples each and the remainder goes one each to the first classes in
+    label order; a class with too few samples is taken whole and its share spread over the others.
+    The same ``seed`` always gives the same indices.
     """
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
@@ -201,16 +201,25 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def _balanced_quotas(counts: Sequence[int], n: int) -> list[int]:
-    """Per-class sample counts summing to ``n``, as equal as the class sizes allow."""
+    """Per-class sample counts summing to ``n``, as equal as the class sizes allow.
+
+    Water-filling: classes no larger than the fair share are taken whole, the share is recomputed
+    for the rest, and the final remainder goes one each to the first remaining classes.
+    """
     quotas = [0] * len(counts)
-    remaining = n
-    while remaining:
-        open_classes = [i for i, c in enumerate(counts) if quotas[i] < c]
-        share, extra = divmod(remaining, len(open_classes))
-        for rank, i in enumerate(open_classes):
-            take = min(share + (rank < extra), counts[i] - quotas[i])
-            quotas[i] += take
-            remaining -= take
+    remaining, open_classes = n, list(range(len(counts)))
+    while open_classes:
+        share = remaining // len(open_classes)
+        small = [i for i in open_classes if counts[i] <= share]
+        if not small:
+            extra = remaining - share * len(open_classes)
+            for rank, i in enumerate(open_classes):
+                quotas[i] = share + (rank < extra)
+            break
+        for i in small:
+            quotas[i] = counts[i]
+            remaining -= counts[i]
+        open_classes = [i for i in open_classes if counts[i] > share]
     return quotas
 
 
