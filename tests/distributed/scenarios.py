@@ -274,18 +274,6 @@ def missed_precondition(wrap: str) -> dict[str, Any]:
     return {"raised": False}
 
 
-def fsdp_available() -> dict[str, Any]:
-    """Whether ``fully_shard`` runs on CPU with gloo here, and the error if it does not."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-
-        model = fully_shard(nn.Linear(4, 3))
-        model(torch.randn(2, 4)).sum().backward()
-    except Exception as error:  # noqa: BLE001  (reported to the test, whatever it is)
-        return {"ok": False, "error": f"{type(error).__name__}: {error}"}
-    return {"ok": True}
-
-
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_conv": lambda: compare(conv_model, EVEN),
     "ddp_linear": lambda: compare(linear_model, EVEN),
@@ -298,7 +286,6 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_defer_no_sync_linear": lambda: compare(linear_model, MICRO, defer=True),
     "ddp_defer_on_step": lambda: compare(conv_model, MICRO, defer=True, on_step=True),
     "ddp_missed_precondition": lambda: missed_precondition("ddp"),
-    "fsdp_available": fsdp_available,
     "fsdp": lambda: compare(conv_model, UNEVEN, wrap="fsdp"),
     "fsdp_defer": lambda: compare(conv_model, MICRO, defer=True, wrap="fsdp"),
     "fsdp_missed_precondition": lambda: missed_precondition("fsdp"),
@@ -319,9 +306,6 @@ def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
     path = os.path.join(out_dir, f"rank{rank}.json")
     try:
         for name, scenario in SCENARIOS.items():
-            if name.startswith("fsdp") and name != "fsdp_available":
-                if not results["fsdp_available"]["ok"]:
-                    continue
             try:
                 results[name] = scenario()
             except Exception:

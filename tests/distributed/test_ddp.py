@@ -1,0 +1,79 @@
+"""TrAct across two real gloo processes: DDP, gradient accumulation and FSDP2 against one process.
+
+All scenarios run once, in one spawned group (``conftest.py``), in float64, so that "the same
+weights" can be asserted to 1e-12 while a change of statistics moves the weights by ~0.1.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+EXACT = 1e-12
+
+
+def assert_matches_one_process(ranks: list[dict]) -> None:
+    for measured in ranks:
+        assert measured["diff"] < EXACT
+        assert measured["spread"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["ddp_conv", "ddp_linear"])
+def test_ddp_equals_one_big_batch(scenario, name: str) -> None:
+    """Several SGD-with-momentum steps on 2×3 samples equal one process on the 6."""
+    assert_matches_one_process(scenario(name))
+
+
+@pytest.mark.parametrize("name", ["ddp_uneven_empty", "ddp_uneven_empty_linear"])
+def test_uneven_and_empty_local_batches(scenario, name: str) -> None:
+    """Local batches (5, 0), (1, 4), (0, 3), (2, 2): the global n, the empty rank included."""
+    assert_matches_one_process(scenario(name))
+
+
+def test_one_overlapped_all_reduce_per_layer_per_step(scenario) -> None:
+    """One async all-reduce per forward, in flight when forward returns, waited in backward."""
+    for counts in scenario("ddp_conv"):
+        assert counts["async_calls"] == counts["forwards"] == counts["steps"]
+        assert counts["blocking_calls"] == 0
+        assert counts["unwaited_after_forward"] == counts["forwards"]
+        assert counts["waits"] == counts["async_calls"]
+
+
+def test_process_group_none_keeps_per_rank_statistics(scenario) -> None:
+    """None is the reference's behaviour: far from the big batch, equal to per-rank solves."""
+    for measured in scenario("ddp_none"):
+        assert measured["diff"] > 1e-3
+        assert measured["async_calls"] == measured["blocking_calls"] == 0
+    assert_matches_one_process(scenario("ddp_none_per_rank"))
+
+
+def test_checkpoint_recomputation_uses_the_reduced_statistics(scenario) -> None:
+    """Non-reentrant checkpointing recomputes the layer in backward, issuing one more all-reduce
+    (in the same order on every rank) whose result is discarded: backward uses forward's."""
+    ranks = scenario("ddp_checkpoint")
+    assert_matches_one_process(ranks)
+    for counts in ranks:
+        assert counts["async_calls"] == 2 * counts["forwards"]
+        assert counts["waits"] == counts["forwards"]
+
+
+@pytest.mark.parametrize(
+    "name", ["ddp_defer_no_sync", "ddp_defer_no_sync_linear", "ddp_defer_on_step"]
+)
+def test_defer_no_sync_accumulation_equals_one_big_batch(scenario, name: str) -> None:
+    """3 uneven micro-batches per rank (first two under no_sync), precondition_ once per step."""
+    ranks = scenario(name)
+    assert_matches_one_process(ranks)
+    for counts in ranks:
+        assert counts["async_calls"] == 0
+        assert counts["blocking_calls"] == counts["steps"]
+
+
+@pytest.mark.parametrize("name", ["ddp_missed_precondition", "fsdp_missed_precondition"])
+def test_step_without_precondition_raises(scenario, name: str) -> None:
+    assert all(measured["raised"] for measured in scenario(name))
+
+
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_defer"])
+def test_fsdp2_sharded_first_layer_equals_one_process(scenario, name: str) -> None:
+    """fully_shard on the first layer (5 rows: shards of 3 and 2) and on the model."""
+    assert_matches_one_process(scenario(name))
