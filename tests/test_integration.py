@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import reference_tract_grad
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from tract_reference import reference_tract_grad
 
 import trainact
 

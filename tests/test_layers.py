@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import plain_and_tract, reference_tract_grad
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from tract_reference import plain_and_tract, reference_tract_grad
 
 import trainact
 from trainact.nn import adapters
