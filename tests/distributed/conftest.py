@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,6 @@ WORLD_SIZE = 2
 DEADLINE_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Per rank, ``{scenario: measurements}`` from one spawn of ``scenarios.run``."""
@@ -31,7 +24,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("distributed")
     context = mp.start_processes(
         scenarios.run,
-        args=(WORLD_SIZE, free_port(), str(out)),
+        args=(WORLD_SIZE, scenarios.free_port(), str(out)),
         nprocs=WORLD_SIZE,
         join=False,
         start_method="spawn",

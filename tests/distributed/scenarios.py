@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -26,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 import trainact
 
 LAM = 0.1
+#: Float64 weights this close are "the same"; a change of statistics moves them by ~0.1.
+EXACT = 1e-12
 LR = 0.1
 MOMENTUM = 0.9
 
@@ -290,6 +293,13 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp_defer": lambda: compare(conv_model, MICRO, defer=True, wrap="fsdp"),
     "fsdp_missed_precondition": lambda: missed_precondition("fsdp"),
 }
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(rank: int, world_size: int, port: int, out_dir: str) -> None:

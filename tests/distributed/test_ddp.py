@@ -7,8 +7,7 @@ weights" can be asserted to 1e-12 while a change of statistics moves the weights
 from __future__ import annotations
 
 import pytest
-
-EXACT = 1e-12
+from scenarios import EXACT
 
 
 def assert_matches_one_process(ranks: list[dict]) -> None:
