@@ -1,0 +1,7 @@
+"""``python -m trainact``: the experiments command (needs the ``[experiments]`` extra)."""
+
+import sys
+
+from trainact.experiments.cli import main
+
+sys.exit(main())

@@ -1,0 +1,188 @@
+"""The ``trainact`` command: train, compare, sweep, plot.
+
+    trainact compare                       # the main job: baseline vs TrAct, minutes on a CPU
+    trainact train --method tract --model resnet-narrow --epochs 5
+    trainact compare --preset resnet18-cifar10-sgd --epochs 100 --seeds 0 1 2 --device cuda
+    trainact sweep --budgets 1 2 4 --seeds 0 1 2 --dataset ../shared/data/cifar10-jpeg.tar.gz
+    trainact plot runs/sweep
+
+Precedence: built-in defaults < --preset < explicit options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+MISSING_EXTRAS = (
+    "the trainact command needs the experiments extra: pip install 'trainact[experiments]' "
+    "(numpy, pillow, tqdm, matplotlib)"
+)
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
+    """Every Config knob, default None so that presets and defaults fill the rest."""
+    from trainact.experiments.data import DATASET_NAMES
+    from trainact.experiments.models import MODEL_NAMES
+    from trainact.experiments.presets import PRESETS
+
+    presets = "; ".join(f"{k}: {v[2]}" for k, v in PRESETS.items())
+    p.add_argument("--preset", help=f"a paper setup ({presets})")
+    p.add_argument("--dataset", help=f"{', '.join(DATASET_NAMES)}, or an image-folder dir/archive")
+    p.add_argument("--data-dir", help="where named datasets are downloaded and cached")
+    p.add_argument("--train-subset", type=int, metavar="N", help="stratified train subset")
+    p.add_argument("--model", help=", ".join(MODEL_NAMES))
+    if method:
+        p.add_argument("--method", choices=["baseline", "tract"])
+    p.add_argument("--lam", type=float, help="TrAct's lambda (0.1)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    p.add_argument("--milestones", type=int, nargs="*", help="step schedule epochs")
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    _bool_flag(p, "augment", "random crop and flip (default on)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    _bool_flag(p, "compile", "torch.compile the model")
+    _bool_flag(p, "progress", "progress bars (default on)")
+
+
+def build_config(args: argparse.Namespace, **fixed):
+    """Defaults, then the preset (for the epoch budget asked), then explicit options."""
+    from trainact.experiments.presets import preset_overrides
+    from trainact.experiments.train import Config
+
+    fields = {f.name for f in dataclasses.fields(Config)}
+    values = preset_overrides(args.preset, args.epochs) if args.preset else {}
+    for name in fields:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = tuple(given) if name == "milestones" else given
+    values.update(fixed)
+    cfg = Config(**values)
+    cfg.validate()
+    return cfg
+
+
+def _default_out(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainact",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="one run")
+    _add_config_args(p, method=True)
+    p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p = sub.add_parser("compare", help="baseline vs TrAct over seeds (the main job)")
+    _add_config_args(p, method=False)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output directory (default runs/compare-<time>); "
+        "an existing one of the same comparison is resumed",
+    )
+    p = sub.add_parser("sweep", help="epoch budgets x methods x seeds, like the paper's Fig. 3")
+    _add_config_args(p, method=False)
+    p.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output directory (default runs/sweep-<time>); rerun with the same --out to resume",
+    )
+    p = sub.add_parser("plot", help="redraw the figure of a compare or sweep directory")
+    p.add_argument("directory", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script and of ``python -m trainact``."""
+    try:
+        import matplotlib  # noqa: F401
+        import numpy  # noqa: F401
+        import PIL  # noqa: F401
+        import tqdm  # noqa: F401
+    except ImportError as err:
+        print(f"error: {MISSING_EXTRAS} ({err})", file=sys.stderr)
+        return 2
+    from trainact.experiments.compare import compare, sweep
+    from trainact.experiments.plot import plot_dir
+    from trainact.experiments.presets import preset_overrides
+    from trainact.experiments.train import NonFiniteLoss, train
+
+    args = _parser().parse_args(argv)
+    progress = getattr(args, "progress", None) is not False
+    try:
+        if args.command == "plot":
+            print(f"wrote {plot_dir(args.directory)}")
+        elif args.command == "train":
+            cfg = build_config(args)
+            out = args.out or _default_out("train")
+            records = train(
+                cfg,
+                out,
+                resume=args.resume,
+                progress=progress,
+                on_epoch=lambda r: print(_epoch_line(r)),
+            )
+            print(f"final test accuracy {100 * records[-1]['test_acc']:.2f} %; run in {out}")
+        elif args.command == "compare":
+            compare(
+                build_config(args, method="baseline"),
+                args.seeds,
+                args.out or _default_out("compare"),
+                progress=progress,
+            )
+        else:
+            cfg = build_config(args, method="baseline")
+
+            def for_budget(epochs: int):
+                # a preset's lr may depend on the budget; explicit options still win
+                fixed = {"method": "baseline", "epochs": epochs}
+                if args.preset:
+                    preset = preset_overrides(args.preset, epochs)
+                    fixed.update({k: v for k, v in preset.items() if getattr(args, k) is None})
+                return dataclasses.replace(cfg, **fixed)
+
+            sweep(
+                cfg,
+                args.budgets,
+                args.seeds,
+                args.out or _default_out("sweep"),
+                config_for_budget=for_budget,
+                progress=progress,
+            )
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+        kind = "stopped" if isinstance(err, NonFiniteLoss) else "error"
+        print(f"{kind}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _epoch_line(r: dict) -> str:
+    return (
+        f"epoch {r['epoch']:>3}/{r['epochs']}: train loss {r['train_loss']:.4f} "
+        f"acc {100 * r['train_acc']:.2f} %, test loss {r['test_loss']:.4f} "
+        f"acc {100 * r['test_acc']:.2f} %, lr {r['lr']:.4g}, {r['seconds']:.1f} s"
+    )

@@ -1,0 +1,334 @@
+"""One training run, read top to bottom: config, data on the device, model, loop, evaluation.
+
+    trainact train --model resnet-narrow --method tract --epochs 5
+    trainact train --preset resnet18-cifar10-sgd --method tract --epochs 100 --device cuda
+
+Baseline and TrAct runs of one seed share the initialization, the data order and the
+augmentation (each drawn from its own generator seeded by the seed and the epoch), so they
+differ by TrAct alone. Every epoch appends a line to ``results.jsonl`` and then saves a
+checkpoint atomically; ``resume`` continues from the checkpoint and ends exactly where an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import trainact
+from trainact.experiments.data import ImageDataset, load_dataset
+from trainact.experiments.models import MODEL_NAMES, build_model
+
+METHODS = ("baseline", "tract")
+
+
+@dataclass
+class Config:
+    """Every knob of a run. Units in comments; ``None`` means "from the dataset"."""
+
+    dataset: str = "cifar10-subset"  # a name or the path of an image folder / archive
+    data_dir: str | None = None  # where named datasets and caches live
+    train_subset: int | None = None  # stratified subset of the train split (images)
+    model: str = "resnet-narrow"
+    method: str = "baseline"  # baseline | tract
+    lam: float = 0.1  # TrAct's λ
+    epochs: int = 5
+    batch_size: int = 128  # images per step
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.08  # peak learning rate
+    momentum: float = 0.9  # SGD momentum (Adam's β1 stays 0.9)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | step | constant, applied per step
+    final_lr_fraction: float = 0.0  # cosine ends at lr × this
+    milestones: tuple[int, ...] = ()  # step schedule: epochs where lr is multiplied by gamma
+    gamma: float = 0.2
+    warmup_epochs: float = 0.0  # linear warm-up from 0 (epochs, may be fractional)
+    label_smoothing: float = 0.0
+    augment: bool = True  # random crop (4-pixel zero padding) and horizontal flip
+    mean: tuple[float, float, float] | None = None  # normalization; None: the train split's
+    std: tuple[float, float, float] | None = None
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "none"  # none | bf16 | fp16
+    compile: bool = False
+    eval_batch_size: int = 1000
+
+    def validate(self) -> None:
+        """Reject values that would fail late or silently train something else."""
+        choices = {
+            "method": METHODS,
+            "optimizer": ("sgd", "adam", "adamw"),
+            "schedule": ("cosine", "step", "constant"),
+            "device": ("auto", "cpu", "cuda"),
+            "amp": ("none", "bf16", "fp16"),
+        }
+        for field, valid in choices.items():
+            if getattr(self, field) not in valid:
+                raise ValueError(f"{field} must be one of {', '.join(valid)}")
+        for field in ("epochs", "batch_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+        if self.model not in MODEL_NAMES:
+            raise ValueError(
+                f"unknown model {self.model!r}; valid models: {', '.join(MODEL_NAMES)}"
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for, but torch sees no CUDA device")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the results so far are kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device(
+        "cuda"
+        if name == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if name == "auto"
+        else name
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: uint8 on the device, batches sliced from a permutation, augmentation on whole batches.
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator for one epoch's order and augmentation: resuming needs no saved state."""
+    return torch.Generator(device=device).manual_seed(1_000_003 * seed + epoch)
+
+
+def augment(images: Tensor, gen: torch.Generator) -> Tensor:
+    """Random crop with 4-pixel zero padding and horizontal flip, for a whole uint8 batch."""
+    b, _, h, w = images.shape
+    padded = F.pad(images, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (b, 1, 1), generator=gen, device=images.device)
+    dx = torch.randint(0, 9, (b, 1, 1), generator=gen, device=images.device)
+    rows = (dy + torch.arange(h, device=images.device).view(1, h, 1)).expand(b, h, w)
+    cols = (dx + torch.arange(w, device=images.device).view(1, 1, w)).expand(b, h, w)
+    batch = torch.arange(b, device=images.device).view(b, 1, 1).expand(b, h, w)
+    crops = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(b, generator=gen, device=images.device) < 0.5
+    return torch.where(flip.view(b, 1, 1, 1), crops.flip(3), crops)
+
+
+def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    return (images.float() / 255 - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimization: optimizer and a per-step learning-rate schedule.
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up, then the schedule."""
+    epoch = step / steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    progress = (step - warmup) / max(1, total - warmup)
+    low = cfg.lr * cfg.final_lr_fraction
+    return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: a plain function.
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, cfg: Config, mean, std, amp):
+    """(mean loss, accuracy) over a whole split, in eval mode."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(images), cfg.eval_batch_size):
+        x = normalize(images[start : start + cfg.eval_batch_size], mean, std)
+        y = labels[start : start + cfg.eval_batch_size]
+        with amp():
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train()
+    return loss_sum / len(images), correct / len(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and results: append-only results, atomic checkpoints.
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _kept_results(path: Path, epochs_done: int) -> list[dict]:
+    """Result lines of finished epochs; lines past the checkpoint (to be redone) are dropped."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["epoch"] <= epochs_done]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def train(
+    cfg: Config,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    data: ImageDataset | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train one model; returns one record per epoch (also in ``out_dir/results.jsonl``).
+
+    Raises:
+        FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
+        NonFiniteLoss: the loss became NaN or infinite (results so far are kept).
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path, ckpt_path = out / "results.jsonl", out / "checkpoint.pt"
+    if not resume and (results_path.exists() or ckpt_path.exists()):
+        raise FileExistsError(f"{out} already holds a run: pass resume or choose another dir")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    device = resolve_device(cfg.device)
+
+    # data, held on the device as uint8
+    if data is None:
+        data = load_dataset(
+            cfg.dataset,
+            cfg.data_dir,
+            train_subset=cfg.train_subset,
+            seed=cfg.seed,
+            progress=progress,
+        )
+    train_x, train_y = data.train_images.to(device), data.train_labels.to(device)
+    test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
+    mean = torch.tensor(cfg.mean or data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std or data.std, device=device).view(1, 3, 1, 1)
+    steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+
+    # model: the same initialization for both methods of a seed
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(data.classes), train_x.shape[-1]).to(device)
+    if cfg.method == "tract":
+        trainact.apply(model, cfg.lam)
+    optimizer = make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+    def amp():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    forward = torch.compile(model) if cfg.compile else model
+
+    records, start_epoch = [], 0
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"]
+        records = _kept_results(results_path, start_epoch)
+        results_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif results_path.exists():
+        results_path.unlink()  # resume without a checkpoint: no finished epoch to keep
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        gen = epoch_generator(cfg.seed, epoch, device)
+        order = torch.randperm(len(train_x), generator=gen, device=device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        bar = _progress(steps_per_epoch, f"{cfg.method} seed {cfg.seed} epoch {epoch}", progress)
+        for i in range(steps_per_epoch):
+            step = (epoch - 1) * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step, steps_per_epoch)
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            images = train_x[idx]
+            if cfg.augment:
+                images = augment(images, gen)
+            x, y = normalize(images, mean, std), train_y[idx]
+            with amp():
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"loss is {loss.item()} at epoch {epoch}, step {i + 1} of {steps_per_epoch}; "
+                    f"results of the {len(records)} finished epochs are kept in {results_path}"
+                )
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == y).sum()
+            bar.update()
+        bar.close()
+        test_loss, test_acc = evaluate(forward, test_x, test_y, cfg, mean, std, amp)
+        record = {
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "epoch": epoch,
+            "epochs": cfg.epochs,
+            "train_loss": loss_sum.item() / len(train_x),
+            "train_acc": correct.item() / len(train_x),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+        }
+        records.append(record)
+        with results_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        _atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "config": dataclasses.asdict(cfg),
+            },
+            ckpt_path,
+        )
+        if on_epoch is not None:
+            on_epoch(record)
+    return records
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
