@@ -1,0 +1,246 @@
+"""The trainer, compare, sweep, plot and the command line, end to end on tiny real data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import trainact
+from trainact.experiments import cli, compare, train
+from trainact.experiments.data import ImageDataset, load_dataset
+from trainact.experiments.models import MODEL_NAMES, build_model
+from trainact.experiments.presets import PRESET_NAMES
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> ImageDataset:
+    """300 train / 100 test images of the embedded CIFAR-10 subset."""
+    cache = tmp_path_factory.mktemp("cache")
+    full = load_dataset("cifar10-subset", cache, train_subset=300, progress=False)
+    return dataclasses.replace(
+        full, test_images=full.test_images[:100], test_labels=full.test_labels[:100]
+    )
+
+
+@pytest.fixture(scope="module")
+def archive(tiny, tmp_path_factory) -> Path:
+    """A .tar.gz image folder (train/<class>/*.png, test/<class>/*.png) of 3 classes."""
+    root = tmp_path_factory.mktemp("folder")
+    for split, images, labels in (
+        ("train", tiny.train_images, tiny.train_labels),
+        ("test", tiny.test_images, tiny.test_labels),
+    ):
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            if label < 3:
+                d = root / split / tiny.classes[label]
+                d.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    path = root.parent / "tiny.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root / "train", "train")
+        tar.add(root / "test", "test")
+    return path
+
+
+def quick(**kw) -> train.Config:
+    return train.Config(**{"epochs": 2, "batch_size": 64, "eval_batch_size": 100, **kw})
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_build_and_tract_finds_their_first_layer(name):
+    model = build_model(name, 10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    first = trainact.apply(model)
+    assert first == ("patch_embed" if name.startswith("vit") else "conv1")
+
+
+def test_augment_is_a_reproducible_crop_and_flip():
+    images = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8)
+    a = train.augment(images, torch.Generator().manual_seed(0))
+    b = train.augment(images, torch.Generator().manual_seed(0))
+    assert a.dtype == torch.uint8 and a.shape == images.shape and torch.equal(a, b)
+    # every output is a shifted (and maybe mirrored) window of its zero-padded input
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for img, out in zip(padded, a, strict=True):
+        windows = img.unfold(1, 32, 1).unfold(2, 32, 1).permute(1, 2, 0, 3, 4)
+        assert any(
+            torch.equal(w, out) or torch.equal(w, out.flip(2)) for w in windows.flatten(0, 1)
+        )
+
+
+def test_learning_rate_schedules():
+    cfg = train.Config(lr=1.0, epochs=10, warmup_epochs=1, final_lr_fraction=0.01)
+    assert train.lr_at(cfg, 0, 10) == pytest.approx(0.1)
+    assert train.lr_at(cfg, 9, 10) == pytest.approx(1.0)
+    assert train.lr_at(cfg, 99, 10) == pytest.approx(0.01, abs=1e-3)
+    step = dataclasses.replace(cfg, schedule="step", milestones=(5, 8), gamma=0.2, warmup_epochs=0)
+    assert [train.lr_at(step, s, 1) for s in (4, 5, 8)] == pytest.approx([1.0, 0.2, 0.04])
+
+
+def test_presets_follow_the_paper_and_stay_overridable():
+    parse = cli._parser().parse_args
+    vit = {
+        e: cli.build_config(parse(["train", "--preset", "vit-cifar10", "--epochs", str(e)]))
+        for e in (100, 200, 400, 800)
+    }
+    assert [vit[e].lr for e in vit] == pytest.approx([1e-3, 10**-3.2, 10**-3.5, 10**-3.5])
+    assert vit[100].label_smoothing == 0.1 and vit[100].warmup_epochs == 5
+    adam = [
+        cli.build_config(parse(["train", "--preset", "resnet18-cifar10-adam", "--epochs", e]))
+        for e in ("200", "400")
+    ]
+    assert [c.lr for c in adam] == [1e-2, 1e-3]
+    sgd = cli.build_config(parse(["train", "--preset", "resnet18-cifar10-sgd", "--lr", "0.5"]))
+    assert sgd.lr == 0.5 and sgd.momentum == 0.9 and sgd.model == "resnet18"
+    c100 = cli.build_config(parse(["train", "--preset", "resnet18-cifar100"]))
+    assert c100.milestones == (60, 120, 160) and c100.epochs == 200 and c100.schedule == "step"
+    for name in PRESET_NAMES:  # every preset's model builds on the CPU
+        cfg = cli.build_config(parse(["train", "--preset", name]))
+        build_model(cfg.model, 100 if "100" in cfg.dataset else 10)
+
+
+def test_resume_ends_exactly_where_an_uninterrupted_run_does(tiny, tmp_path):
+    cfg = quick(method="tract", epochs=3)
+    whole = train.train(cfg, tmp_path / "whole", data=tiny, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train.train(cfg, tmp_path / "cut", data=tiny, progress=False, on_epoch=stop_after_first)
+    with pytest.raises(FileExistsError):
+        train.train(cfg, tmp_path / "cut", data=tiny, progress=False)
+    resumed = train.train(cfg, tmp_path / "cut", data=tiny, progress=False, resume=True)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in whole]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed] == strip
+    lines = (tmp_path / "cut" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_results(tiny, tmp_path, monkeypatch):
+    real = train.build_model
+
+    def poisoned(*args):
+        model, calls = real(*args), [0]
+
+        def hook(module, inputs, output):
+            calls[0] += module.training
+            return output * float("nan") if calls[0] > 6 else output  # 5 steps per epoch
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train, "build_model", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match="epoch 2, step 2 of 5"):
+        train.train(quick(), tmp_path, data=tiny, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]
+
+
+def test_compare_from_an_archive_writes_results_summary_and_plot(archive, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = [
+        "compare",
+        "--dataset",
+        str(archive),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "final test accuracy over 2 seeds" in printed and "TrAct" in printed
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 2 * 2  # methods x seeds x epochs
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["final"]) == {"baseline", "tract"} and "speedup" in summary
+    with Image.open(out / "accuracy.png") as png:
+        assert png.size[0] > 100
+    # same comparison again: resumed, nothing retrained or duplicated
+    monkey_calls = []
+    original = compare.train
+    compare.train = lambda *a, **k: monkey_calls.append(1) or original(*a, **k)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        compare.train = original
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    # a different comparison in the same directory is refused, nothing overwritten
+    assert cli.main([*argv[:4], "3", *argv[5:]]) == 1
+    assert "different job" in capsys.readouterr().err
+
+
+def test_sweep_skips_finished_runs_and_plots(archive, tmp_path, monkeypatch, capsys):
+    argv = [
+        "sweep",
+        "--dataset",
+        str(archive),
+        "--budgets",
+        "1",
+        "2",
+        "--seeds",
+        "0",
+        "--batch-size",
+        "64",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    finals = (tmp_path / "sweep.jsonl").read_text().splitlines()
+    assert sorted((json.loads(r)["epochs"], json.loads(r)["method"]) for r in finals) == [
+        (1, "baseline"),
+        (1, "tract"),
+        (2, "baseline"),
+        (2, "tract"),
+    ]
+    with Image.open(tmp_path / "budgets.png"):
+        pass
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("a finished run reran"))
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count("skip ") == 4
+    assert cli.main(["plot", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--dataset", "imagenet"], "cifar10-subset"),
+        (["train", "--model", "vgg"], "resnet18"),
+        (["compare", "--preset", "mnist"], "resnet18-cifar10-sgd"),
+        (["train", "--epochs", "0"], "epochs"),
+        (["plot", "/nonexistent"], "neither"),
+    ],
+)
+def test_bad_input_is_an_error_listing_the_valid_choices(argv, message, tmp_path, capsys):
+    assert cli.main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] != "plot" else [])]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_trainact_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "trainact", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "compare" in out and "sweep" in out
