@@ -94,12 +94,19 @@ def TrAct(  # noqa: N802  (the reference implementation's name, kept as a drop-i
     Args:
         layer: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (any options).
         l: λ > 0, the regularization of Lemma 1 (the paper's default 0.1).
-        process_group: whose statistics a step uses: "auto" (all processes of the default
-            group when torch.distributed runs with world size > 1, else this process's),
-            None (this process's only, like the reference), or a ProcessGroup.
+        process_group: whose statistics a step uses, decided at every training forward:
+            "auto" (XᵀX and n summed over the default group whenever torch.distributed is
+            initialized with world size > 1 at that time, else this process's), None (this
+            process's only, like the reference), or a ProcessGroup (summed over it). Summing
+            costs one asynchronous all-reduce of ``[XᵀX, n]`` per call, started in forward and
+            waited in backward; with world size 1 there is no collective. Every process of
+            the group must then run the layer's forward and backward each step (an empty
+            batch is fine).
         defer: keep the weight gradient plain during backward and sum the statistics over
-            backward passes; :func:`precondition_` then applies TrAct once (for gradient
-            accumulation).
+            backward passes, with no collective; :func:`precondition_` then sums them over
+            the group (as ``process_group`` says) and applies TrAct once (for gradient
+            accumulation). A training forward after the weight changed while sums were
+            pending raises RuntimeError: a step ran without :func:`precondition_`.
 
     Raises:
         TypeError: ``layer`` is not a supported layer.
