@@ -229,7 +229,10 @@ def precondition_on_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     Registers an optimizer step pre-hook and returns its removable handle. It runs inside
     ``optimizer.step()``: after ``GradScaler.unscale_`` (which ``scaler.step`` calls first),
     but after any gradient clipping you did yourself, so clip only if you call
-    :func:`precondition_` by hand instead.
+    :func:`precondition_` by hand instead. A step that ``GradScaler`` skips (inf/NaN) never
+    calls ``optimizer.step()``, so the hook does not run and that step's statistics stay in
+    the next step's sums: with a GradScaler, call :func:`precondition_` by hand after
+    ``scaler.unscale_(optimizer)``, which runs whether or not the step is skipped.
     """
     hook: Callable[..., None] = _StepPreHook(model)
     return optimizer.register_step_pre_hook(hook)
