@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"distributed scenarios still running after {DEADLINE_S} s")
-    except Exception as error:  # noqa: BLE001  (the per-scenario tests report what ran)
+    except Exception as error:  # the per-scenario tests report what ran, and this
         for process in context.processes:
             if process.is_alive():
                 process.kill()
@@ -51,7 +52,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def scenario(results: list[dict[str, Any]], request: pytest.FixtureRequest):
+def scenario(results: list[dict[str, Any]]) -> Callable[[str], list[dict[str, Any]]]:
     """``scenario(name)``: that scenario's measurements on every rank, or the failure."""
 
     def get(name: str) -> list[dict[str, Any]]:
