@@ -1,9 +1,11 @@
 """The ``trainact`` command: train, compare, sweep, plot.
 
     trainact compare                       # the main job: baseline vs TrAct, minutes on a CPU
-    trainact train --method tract --model resnet-narrow --epochs 5
+    trainact train --method tract --model resnet-narrow --epochs 10
+    trainact train --out runs/t --resume   # continue an interrupted run
     trainact compare --preset resnet18-cifar10-sgd --epochs 100 --seeds 0 1 2 --device cuda
-    trainact sweep --budgets 1 2 4 --seeds 0 1 2 --dataset ../shared/data/cifar10-jpeg.tar.gz
+    trainact sweep --preset resnet18-cifar10-sgd --seeds 0 1 2 --device cuda --out runs/fig3
+    trainact sweep --budgets 1 2 4 --dataset path/to/images.tar.gz   # train/<class>/*, test/...
     trainact plot runs/sweep
 
 Precedence: built-in defaults < --preset < explicit options.
@@ -16,6 +18,10 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainact.experiments.train import Config
 
 MISSING_EXTRAS = (
     "the trainact command needs the experiments extra: pip install 'trainact[experiments]' "
@@ -33,7 +39,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     from trainact.experiments.models import MODEL_NAMES
     from trainact.experiments.presets import PRESETS
 
-    presets = "; ".join(f"{k}: {v[2]}" for k, v in PRESETS.items())
+    presets = "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
     p.add_argument("--preset", help=f"a paper setup ({presets})")
     p.add_argument("--dataset", help=f"{', '.join(DATASET_NAMES)}, or an image-folder dir/archive")
     p.add_argument("--data-dir", help="where named datasets are downloaded and cached")
@@ -58,15 +64,25 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"])
     _bool_flag(p, "compile", "torch.compile the model")
     _bool_flag(p, "progress", "progress bars (default on)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads of torch (default on a CPU device: 1, since the CPU models are small and "
+        "threads beyond the free cores slow OpenMP down many-fold on a shared machine; "
+        "otherwise torch's default)",
+    )
 
 
-def build_config(args: argparse.Namespace, **fixed):
-    """Defaults, then the preset (for the epoch budget asked), then explicit options."""
+def build_config(args: argparse.Namespace, **fixed: object) -> Config:
+    """Defaults, then the preset (for the epoch budget asked), then explicit options, then
+    ``fixed`` (the method and, in a sweep, the budget: a preset's lr may depend on it)."""
     from trainact.experiments.presets import preset_overrides
     from trainact.experiments.train import Config
 
     fields = {f.name for f in dataclasses.fields(Config)}
-    values = preset_overrides(args.preset, args.epochs) if args.preset else {}
+    budget = fixed.get("epochs", args.epochs)
+    values = preset_overrides(args.preset, budget) if args.preset else {}
     for name in fields:
         given = getattr(args, name, None)
         if given is not None:
@@ -95,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p = sub.add_parser("compare", help="baseline vs TrAct over seeds (the main job)")
     _add_config_args(p, method=False)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument(
         "--out",
         type=Path,
@@ -104,7 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("sweep", help="epoch budgets x methods x seeds, like the paper's Fig. 3")
     _add_config_args(p, method=False)
-    p.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        help="epoch budgets (default: the preset's, the paper's grid; without one 1 2 4)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
         "--out",
@@ -126,18 +147,29 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"error: {MISSING_EXTRAS} ({err})", file=sys.stderr)
         return 2
+    import torch
+
     from trainact.experiments.compare import compare, sweep
     from trainact.experiments.plot import plot_dir
-    from trainact.experiments.presets import preset_overrides
-    from trainact.experiments.train import NonFiniteLoss, train
+    from trainact.experiments.presets import get_preset
+    from trainact.experiments.train import NonFiniteLoss, resolve_device, train
 
     args = _parser().parse_args(argv)
     progress = getattr(args, "progress", None) is not False
+    if args.command == "train" and args.resume and args.out is None:
+        print("error: --resume needs the --out of the run to continue", file=sys.stderr)
+        return 1
     try:
         if args.command == "plot":
             print(f"wrote {plot_dir(args.directory)}")
-        elif args.command == "train":
-            cfg = build_config(args)
+            return 0
+        fixed = {} if args.command == "train" else {"method": "baseline"}
+        cfg = build_config(args, **fixed)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        if args.threads is not None or resolve_device(cfg.device).type == "cpu":
+            torch.set_num_threads(args.threads or 1)
+        if args.command == "train":
             out = args.out or _default_out("train")
             records = train(
                 cfg,
@@ -149,28 +181,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"final test accuracy {100 * records[-1]['test_acc']:.2f} %; run in {out}")
         elif args.command == "compare":
             compare(
-                build_config(args, method="baseline"),
+                cfg,
                 args.seeds,
                 args.out or _default_out("compare"),
                 progress=progress,
             )
         else:
-            cfg = build_config(args, method="baseline")
-
-            def for_budget(epochs: int):
-                # a preset's lr may depend on the budget; explicit options still win
-                fixed = {"method": "baseline", "epochs": epochs}
-                if args.preset:
-                    preset = preset_overrides(args.preset, epochs)
-                    fixed.update({k: v for k, v in preset.items() if getattr(args, k) is None})
-                return dataclasses.replace(cfg, **fixed)
-
+            default_budgets = get_preset(args.preset).budgets if args.preset else (1, 2, 4)
+            budgets = args.budgets or default_budgets
             sweep(
                 cfg,
-                args.budgets,
+                budgets,
                 args.seeds,
                 args.out or _default_out("sweep"),
-                config_for_budget=for_budget,
+                config_for_budget=lambda e: build_config(args, method="baseline", epochs=e),
                 progress=progress,
             )
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:

@@ -77,6 +77,11 @@ def compare(
     def append(record: dict) -> None:
         with combined.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        log(
+            f"{record['method']:>8} seed {record['seed']} epoch {record['epoch']}/{cfg.epochs}: "
+            f"train loss {record['train_loss']:.3f}, test acc {100 * record['test_acc']:.2f} %, "
+            f"{record['seconds']:.1f} s"
+        )
 
     for method, seed, run_dir in runs:
         run_cfg = dataclasses.replace(cfg, method=method, seed=seed)

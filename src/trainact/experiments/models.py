@@ -139,6 +139,8 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet50": lambda c, s: ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), c),
     # CPU-sized: ResNet-18's shape at a quarter of its width and one block per stage
     "resnet-narrow": lambda c, s: ResNet(BasicBlock, (1, 1, 1, 1), (16, 32, 64, 128), c),
+    # half of resnet-narrow's width: the default of `trainact compare`, minutes on two CPU cores
+    "resnet-tiny": lambda c, s: ResNet(BasicBlock, (1, 1, 1, 1), (8, 16, 32, 64), c),
     "vit": lambda c, s: ViT(ViTConfig(image_size=s), c),
     "vit-tiny": lambda c, s: ViT(
         ViTConfig(patch=4, depth=4, hidden=96, mlp_hidden=192, heads=4, image_size=s), c

@@ -7,6 +7,7 @@ still be overridden on the command line.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 CIFAR10_NORMALIZATION = {
@@ -81,34 +82,48 @@ def _resnet18_cifar100(epochs: int) -> dict[str, Any]:
     }
 
 
-PRESETS: dict[str, tuple[int, Callable[[int], dict[str, Any]], str]] = {
-    "resnet18-cifar10-sgd": (
-        100,
+@dataclass(frozen=True)
+class Preset:
+    """A paper setup: its Config fields for an epoch budget, and the paper's budgets."""
+
+    make: Callable[[int], dict[str, Any]]
+    budgets: tuple[int, ...]  # epochs; the first is the default of train and compare
+    summary: str
+
+
+PRESETS: dict[str, Preset] = {
+    "resnet18-cifar10-sgd": Preset(
         _resnet18_cifar10_sgd,
+        (100, 200, 400, 800),
         "ResNet-18, CIFAR-10, SGD lr 0.08, cosine, batch 128",
     ),
-    "resnet18-cifar10-adam": (
-        100,
+    "resnet18-cifar10-adam": Preset(
         _resnet18_cifar10_adam,
-        "ResNet-18, CIFAR-10, Adam lr 1e-2 (≤200 ep.) / 1e-3",
+        (100, 200, 400, 800),
+        "ResNet-18, CIFAR-10, Adam lr 1e-2 (<=200 ep.) / 1e-3",
     ),
-    "vit-cifar10": (
-        100,
+    "vit-cifar10": Preset(
         _vit_cifar10,
+        (100, 200, 400, 800),
         "ViT-CIFAR, Adam lr 10^-3/-3.2/-3.5 by budget, AutoAugment off",
     ),
-    "resnet18-cifar100": (
-        200,
+    "resnet18-cifar100": Preset(
         _resnet18_cifar100,
+        (200,),
         "ResNet-18, CIFAR-100, SGD lr 0.1, x0.2 at 60/120/160 of 200",
     ),
 }
 PRESET_NAMES = tuple(PRESETS)
 
 
-def preset_overrides(name: str, epochs: int | None = None) -> dict[str, Any]:
-    """The Config fields of preset ``name`` for an epoch budget (its default when None)."""
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; ValueError listing the valid names otherwise."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESET_NAMES)}")
-    default_epochs, make, _ = PRESETS[name]
-    return make(epochs or default_epochs)
+    return PRESETS[name]
+
+
+def preset_overrides(name: str, epochs: int | None = None) -> dict[str, Any]:
+    """The Config fields of preset ``name`` for an epoch budget (its first budget when None)."""
+    preset = get_preset(name)
+    return preset.make(epochs or preset.budgets[0])
