@@ -20,6 +20,15 @@ from trainact.experiments.models import MODEL_NAMES, build_model
 from trainact.experiments.presets import PRESET_NAMES
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the CPU models are tiny, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> ImageDataset:
     """300 train / 100 test images of the embedded CIFAR-10 subset."""
@@ -102,6 +111,11 @@ def test_presets_follow_the_paper_and_stay_overridable():
     assert sgd.lr == 0.5 and sgd.momentum == 0.9 and sgd.model == "resnet18"
     c100 = cli.build_config(parse(["train", "--preset", "resnet18-cifar100"]))
     assert c100.milestones == (60, 120, 160) and c100.epochs == 200 and c100.schedule == "step"
+    # a sweep takes each budget's lr from the preset, unless --lr is given
+    sweep = parse(["sweep", "--preset", "vit-cifar10"])
+    assert cli.build_config(sweep, epochs=400).lr == pytest.approx(10**-3.5)
+    sweep = parse(["sweep", "--preset", "vit-cifar10", "--lr", "0.1"])
+    assert cli.build_config(sweep, epochs=400).lr == 0.1
     for name in PRESET_NAMES:  # every preset's model builds on the CPU
         cfg = cli.build_config(parse(["train", "--preset", name]))
         build_model(cfg.model, 100 if "100" in cfg.dataset else 10)
@@ -231,6 +245,8 @@ def test_sweep_skips_finished_runs_and_plots(archive, tmp_path, monkeypatch, cap
         (["train", "--model", "vgg"], "resnet18"),
         (["compare", "--preset", "mnist"], "resnet18-cifar10-sgd"),
         (["train", "--epochs", "0"], "epochs"),
+        (["sweep", "--preset", "resnet18-cifar10-sgd", "--lam", "-1"], "lam"),
+        (["train", "--threads", "0"], "threads"),
         (["plot", "/nonexistent"], "neither"),
     ],
 )
@@ -239,8 +255,55 @@ def test_bad_input_is_an_error_listing_the_valid_choices(argv, message, tmp_path
     assert message in capsys.readouterr().err
 
 
+def test_resume_without_out_is_an_error(capsys):
+    assert cli.main(["train", "--resume"]) == 1
+    assert "--out" in capsys.readouterr().err
+
+
+def test_missing_extras_name_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["compare"]) == 2
+    assert "trainact[experiments]" in capsys.readouterr().err
+
+
 def test_python_dash_m_trainact_help():
     out = subprocess.run(
         [sys.executable, "-m", "trainact", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "compare" in out and "sweep" in out
+
+
+def test_an_interrupted_compare_resumes_without_losing_or_repeating_epochs(archive, tmp_path):
+    data = load_dataset(str(archive), tmp_path / "cache", progress=False)
+    cfg = quick(batch_size=32)
+    quiet = {"progress": False, "log": lambda line: None}
+    whole = compare.compare(cfg, [0], tmp_path / "whole", data=data, **quiet)
+
+    class Interrupt(Exception):
+        pass
+
+    real = compare.train
+
+    def interrupted(run_cfg, run_dir, **kw):
+        def stop(record):
+            kw["on_epoch"](record)
+            if record["method"] == "tract" and record["epoch"] == 1:
+                raise Interrupt
+
+        return real(run_cfg, run_dir, **{**kw, "on_epoch": stop})
+
+    compare.train = interrupted
+    try:
+        with pytest.raises(Interrupt):
+            compare.compare(cfg, [0], tmp_path / "cut", data=data, **quiet)
+    finally:
+        compare.train = real
+    resumed = compare.compare(cfg, [0], tmp_path / "cut", data=data, **quiet)
+    assert resumed["final"] == whole["final"]
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "results.jsonl").open()]
+    assert sorted((r["method"], r["epoch"]) for r in rows) == [
+        ("baseline", 1),
+        ("baseline", 2),
+        ("tract", 1),
+        ("tract", 2),
+    ]

@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from trainact.experiments.data import load_dataset
+from trainact.experiments.data import ImageDataset, load_dataset
 from trainact.experiments.plot import mean_std_by, plot_budgets, plot_curves, read_jsonl
 from trainact.experiments.train import METHODS, Config, train
 
@@ -51,10 +51,14 @@ def compare(
     seeds: Sequence[int],
     out_dir: str | Path,
     *,
+    data: ImageDataset | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train baseline and TrAct for each seed; write results.jsonl, summary.json, accuracy.png."""
+    """Train baseline and TrAct for each seed; write results.jsonl, summary.json, accuracy.png.
+
+    ``data`` replaces the dataset ``cfg`` names (already loaded, for tests and notebooks).
+    """
     out = Path(out_dir)
     identity = {
         "config": dataclasses.asdict(dataclasses.replace(cfg, method="*")),
@@ -62,9 +66,14 @@ def compare(
     }
     if _claim(out, identity):
         log(f"resuming the comparison in {out}")
-    data = load_dataset(
-        cfg.dataset, cfg.data_dir, train_subset=cfg.train_subset, seed=cfg.seed, progress=progress
-    )
+    if data is None:
+        data = load_dataset(
+            cfg.dataset,
+            cfg.data_dir,
+            train_subset=cfg.train_subset,
+            seed=cfg.seed,
+            progress=progress,
+        )
     log(
         f"{data.name}: {len(data.train_labels)} train / {len(data.test_labels)} test images; "
         f"model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} "

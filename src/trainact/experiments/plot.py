@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean, stdev
 
 import matplotlib
 
@@ -18,12 +18,12 @@ LABELS = {"baseline": "baseline", "tract": "TrAct"}
 
 
 def mean_std_by(records: list[dict], key: str) -> dict[str, dict[int, tuple[float, float, int]]]:
-    """method -> key value -> (mean, std, count) of test accuracy over seeds."""
+    """method -> key value -> (mean, sample std (0 for one seed), count) of test accuracy."""
     groups: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         groups[r["method"]][r[key]].append(r["test_acc"])
     return {
-        m: {k: (mean(v), pstdev(v), len(v)) for k, v in sorted(by.items())}
+        m: {k: (mean(v), stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in sorted(by.items())}
         for m, by in groups.items()
     }
 

@@ -86,8 +86,14 @@ class Config:
             raise ValueError(
                 f"unknown model {self.model!r}; valid models: {', '.join(MODEL_NAMES)}"
             )
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for field in ("lr", "lam"):
+            if not (getattr(self, field) > 0 and math.isfinite(getattr(self, field))):
+                raise ValueError(f"{field} must be a positive number, got {getattr(self, field)}")
+        for field in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
+            if not getattr(self, field) >= 0:
+                raise ValueError(f"{field} must be at least 0, got {getattr(self, field)}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"train_subset must be at least 1, got {self.train_subset}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for, but torch sees no CUDA device")
 
