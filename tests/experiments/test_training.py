@@ -107,8 +107,11 @@ def test_presets_follow_the_paper_and_stay_overridable():
         for e in ("200", "400")
     ]
     assert [c.lr for c in adam] == [1e-2, 1e-3]
-    sgd = cli.build_config(parse(["train", "--preset", "resnet18-cifar10-sgd", "--lr", "0.5"]))
+    sgd = cli.build_config(
+        parse(["train", "--preset", "resnet18-cifar10-sgd", "--lr", "0.5", "--std", "1", "1", "1"])
+    )
     assert sgd.lr == 0.5 and sgd.momentum == 0.9 and sgd.model == "resnet18"
+    assert sgd.mean == (0.4914, 0.4822, 0.4465) and sgd.std == (1, 1, 1)
     c100 = cli.build_config(parse(["train", "--preset", "resnet18-cifar100"]))
     assert c100.milestones == (60, 120, 160) and c100.epochs == 200 and c100.schedule == "step"
     # a sweep takes each budget's lr from the preset, unless --lr is given
@@ -136,6 +139,8 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_does(tiny, tmp_path):
         train.train(cfg, tmp_path / "cut", data=tiny, progress=False, on_epoch=stop_after_first)
     with pytest.raises(FileExistsError):
         train.train(cfg, tmp_path / "cut", data=tiny, progress=False)
+    with pytest.raises(ValueError, match="lr differ"):
+        train.train(dataclasses.replace(cfg, lr=0.5), tmp_path / "cut", data=tiny, resume=True)
     resumed = train.train(cfg, tmp_path / "cut", data=tiny, progress=False, resume=True)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in whole]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed] == strip

@@ -55,10 +55,15 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--schedule", choices=["cosine", "step", "constant"])
-    p.add_argument("--milestones", type=int, nargs="*", help="step schedule epochs")
+    p.add_argument("--milestones", type=int, nargs="*", help="step schedule: epochs of the drops")
+    p.add_argument("--gamma", type=float, help="step schedule: factor at each milestone")
+    p.add_argument("--final-lr-fraction", type=float, help="cosine: final lr / peak lr")
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)
     _bool_flag(p, "augment", "random crop and flip (default on)")
+    p.add_argument("--mean", type=float, nargs=3, help="normalization (default: the train split's)")
+    p.add_argument("--std", type=float, nargs=3, help="normalization (default: the train split's)")
+    p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", choices=["none", "bf16", "fp16"])
@@ -86,7 +91,7 @@ def build_config(args: argparse.Namespace, **fixed: object) -> Config:
     for name in fields:
         given = getattr(args, name, None)
         if given is not None:
-            values[name] = tuple(given) if name == "milestones" else given
+            values[name] = tuple(given) if isinstance(given, list) else given
     values.update(fixed)
     cfg = Config(**values)
     cfg.validate()
@@ -98,6 +103,8 @@ def _default_out(kind: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from trainact.experiments.train import Config
+
     parser = argparse.ArgumentParser(
         prog="trainact",
         description=__doc__.split("\n\n")[0],
@@ -105,11 +112,16 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="one run")
+    defaults = "Defaults without --preset: " + ", ".join(
+        f"{f.name}={getattr(Config(), f.name)}" for f in dataclasses.fields(Config)
+    )
+    p = sub.add_parser("train", help="one run", description=defaults)
     _add_config_args(p, method=True)
     p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p = sub.add_parser("compare", help="baseline vs TrAct over seeds (the main job)")
+    p = sub.add_parser(
+        "compare", help="baseline vs TrAct over seeds (the main job)", description=defaults
+    )
     _add_config_args(p, method=False)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument(
@@ -118,7 +130,11 @@ def _parser() -> argparse.ArgumentParser:
         help="output directory (default runs/compare-<time>); "
         "an existing one of the same comparison is resumed",
     )
-    p = sub.add_parser("sweep", help="epoch budgets x methods x seeds, like the paper's Fig. 3")
+    p = sub.add_parser(
+        "sweep",
+        help="epoch budgets x methods x seeds, like the paper's Fig. 3",
+        description=defaults,
+    )
     _add_config_args(p, method=False)
     p.add_argument(
         "--budgets",

@@ -79,7 +79,7 @@ class Config:
         for field, valid in choices.items():
             if getattr(self, field) not in valid:
                 raise ValueError(f"{field} must be one of {', '.join(valid)}")
-        for field in ("epochs", "batch_size"):
+        for field in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
         if self.model not in MODEL_NAMES:
@@ -214,6 +214,14 @@ def _kept_results(path: Path, epochs_done: int) -> list[dict]:
     return [r for r in records if r["epoch"] <= epochs_done]
 
 
+# Knobs that change where a run is computed, not what it computes: a resume may change them.
+RESUMABLE_CHANGES = ("data_dir", "device", "compile", "eval_batch_size")
+
+
+def _changed_fields(saved: dict, current: dict) -> list[str]:
+    return [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+
+
 # ---------------------------------------------------------------------------------------------
 # The run.
 
@@ -231,6 +239,7 @@ def train(
 
     Raises:
         FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
+        ValueError: resuming a run of another configuration.
         NonFiniteLoss: the loss became NaN or infinite (results so far are kept).
     """
     cfg.validate()
@@ -239,7 +248,6 @@ def train(
     results_path, ckpt_path = out / "results.jsonl", out / "checkpoint.pt"
     if not resume and (results_path.exists() or ckpt_path.exists()):
         raise FileExistsError(f"{out} already holds a run: pass resume or choose another dir")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     device = resolve_device(cfg.device)
 
     # data, held on the device as uint8
@@ -274,6 +282,12 @@ def train(
     records, start_epoch = [], 0
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        changed = _changed_fields(state["config"], dataclasses.asdict(cfg))
+        if changed:
+            raise ValueError(
+                f"{out} holds a run of another configuration ({', '.join(changed)} differ); "
+                "resume with the same options or choose another dir"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -282,6 +296,7 @@ def train(
         results_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     elif results_path.exists():
         results_path.unlink()  # resume without a checkpoint: no finished epoch to keep
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
