@@ -34,15 +34,29 @@ def resolve(process_group: ProcessGroupArg) -> dist.ProcessGroup | None:
     return group if dist.get_world_size(group) > 1 else None
 
 
+# The latest collective's Work handle, held until the next one starts. Dropped at once, the
+# handle (and the tensor it sums) would be freed by gloo's worker thread, which needs the GIL
+# for a tensor Python has seen; if the main thread meanwhile tears the process group down (it
+# holds the GIL while joining that thread), the process hangs at exit. Seen with torchrun,
+# defer=True and a loaded CPU on torch 2.13; holding the handle moves the free to this thread.
+_latest_work: dist.Work | None = None
+
+
+def _start_sum(tensor: Tensor, group: dist.ProcessGroup) -> dist.Work:
+    global _latest_work
+    _latest_work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return _latest_work
+
+
 def all_reduce_async(tensor: Tensor, group: dist.ProcessGroup) -> dist.Work:
     """Start summing ``tensor`` in place across ``group``; wait on the returned work."""
-    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return _start_sum(tensor, group)
 
 
 def all_reduce(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """Sum ``tensor`` in place across ``group`` (a no-op for None) and return it."""
     if group is not None:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        _start_sum(tensor, group).wait()
     return tensor
 
 

@@ -63,8 +63,10 @@ def test_defer_no_sync_accumulation_equals_one_big_batch(scenario, name: str) ->
     ranks = scenario(name)
     assert_matches_one_process(ranks)
     for counts in ranks:
-        assert counts["async_calls"] == 0
-        assert counts["blocking_calls"] == counts["steps"]
+        # None during forward and backward; one per step in precondition_, waited at once.
+        assert counts["unwaited_after_forward"] == 0
+        assert counts["async_calls"] == counts["waits"] == counts["steps"]
+        assert counts["blocking_calls"] == 0
 
 
 @pytest.mark.parametrize("name", ["ddp_missed_precondition", "fsdp_missed_precondition"])

@@ -14,8 +14,8 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "ddp_train.py"
 def test_torchrun_example_trains_with_accumulation() -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", str(EXAMPLE), "--steps", "12", "--accumulate", "2"]
-    # stdin from /dev/null: under pytest's fd capture, workers that inherited stdin hung at exit.
-    # A session of its own, so that a timeout ends torchrun's workers too.
+    # A session of its own, so that a timeout ends torchrun itself; a hang at exit shows here
+    # (trainact.distributed keeps the last Work handle alive for that reason).
     with subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,
