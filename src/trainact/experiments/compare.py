@@ -8,9 +8,9 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from trainact.experiments.data import ImageDataset, load_dataset
+from trainact.experiments.data import ImageDataset
 from trainact.experiments.plot import mean_std_by, plot_budgets, plot_curves, read_jsonl
-from trainact.experiments.train import METHODS, Config, train
+from trainact.experiments.train import METHODS, Config, load_data, train
 
 
 def _claim(out: Path, identity: dict) -> bool:
@@ -67,13 +67,7 @@ def compare(
     if _claim(out, identity):
         log(f"resuming the comparison in {out}")
     if data is None:
-        data = load_dataset(
-            cfg.dataset,
-            cfg.data_dir,
-            train_subset=cfg.train_subset,
-            seed=cfg.seed,
-            progress=progress,
-        )
+        data = load_data(cfg, progress)
     log(
         f"{data.name}: {len(data.train_labels)} train / {len(data.test_labels)} test images; "
         f"model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} "
@@ -150,9 +144,7 @@ def sweep(
         "seeds": list(seeds),
     }
     _claim(out, identity)
-    data = load_dataset(
-        cfg.dataset, cfg.data_dir, train_subset=cfg.train_subset, seed=cfg.seed, progress=progress
-    )
+    data = load_data(cfg, progress)
     runs = [(e, m, s, out / f"{m}-e{e}-seed{s}") for e in budgets for s in seeds for m in METHODS]
     finals_path = out / "sweep.jsonl"
     finals = [r for r in _final_records(run_dirs=[d for *_, d in runs])]

@@ -102,6 +102,13 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the results so far are kept."""
 
 
+def load_data(cfg: Config, progress: bool = True) -> ImageDataset:
+    """The dataset ``cfg`` names, with its stratified train subset (drawn with ``cfg.seed``)."""
+    return load_dataset(
+        cfg.dataset, cfg.data_dir, train_subset=cfg.train_subset, seed=cfg.seed, progress=progress
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     return torch.device(
         "cuda"
@@ -252,13 +259,7 @@ def train(
 
     # data, held on the device as uint8
     if data is None:
-        data = load_dataset(
-            cfg.dataset,
-            cfg.data_dir,
-            train_subset=cfg.train_subset,
-            seed=cfg.seed,
-            progress=progress,
-        )
+        data = load_data(cfg, progress)
     train_x, train_y = data.train_images.to(device), data.train_labels.to(device)
     test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
     mean = torch.tensor(cfg.mean or data.mean, device=device).view(1, 3, 1, 1)
