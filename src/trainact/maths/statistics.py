@@ -1,7 +1,10 @@
 """Second-moment statistics of a layer's input patches, accumulated chunk by chunk.
 
-A chunk is a ``(groups, rows, d)`` tensor of patches (rows of X, per group). Summing
-``chunkᵀ·chunk`` over bounded chunks gives XᵀX without ever holding the whole patch matrix.
+A chunk is a ``(groups, d, cols)`` tensor: some columns of Xᵀ, that is patches laid out one
+patch per column, per group. Summing ``chunk·chunkᵀ`` over bounded chunks gives XᵀX without
+ever holding the whole patch matrix. Patches as columns make the copy out of a convolution's
+input run along its contiguous last dimension (measured on one CPU core: 2.7× faster than
+patches as rows for a CIFAR stem, 13% for an ImageNet 7×7/2 stem).
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ def gram_of_chunks(chunks: Iterable[Tensor], out: Tensor) -> Tensor:
     """Add XᵀX of every chunk into ``out`` (``(groups, d, d)``, the statistics dtype)."""
     for chunk in chunks:
         chunk = chunk.to(out.dtype)
-        out.baddbmm_(chunk.mT, chunk)
+        out.baddbmm_(chunk, chunk.mT)
     return out
 
 
 def patch_matrix(chunks: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
-    """The whole ``(groups, n, d)`` patch matrix; only used where n < d, so it is small."""
-    return torch.cat([chunk.to(dtype) for chunk in chunks], dim=1)
+    """The whole ``(groups, n, d)`` patch matrix X; only used where n < d, so it is small."""
+    return torch.cat([chunk.to(dtype) for chunk in chunks], dim=2).mT

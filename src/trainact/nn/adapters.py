@@ -2,7 +2,8 @@
 
 Every adapter answers the same questions (the kfac-pytorch pattern): the layer's forward with a
 given weight tensor, the patch geometry (groups, d per group, n for an input), and the patches
-themselves as a stream of bounded ``(groups, rows, d)`` chunks, taken exactly as the layer's
+themselves as a stream of bounded ``(groups, d, cols)`` chunks (patches as columns, see
+:mod:`trainact.maths.statistics`), taken exactly as the layer's
 forward sees its input (after its padding mode, with its stride, dilation and groups).
 """
 
@@ -54,11 +55,11 @@ class LinearAdapter:
     def chunks(self, input: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
         rows = input.reshape(-1, self.dim)
         if rows.dtype == dtype and rows.shape[0] > 0:
-            yield rows.unsqueeze(0)  # already the right dtype: no copy at all
+            yield rows.mT.unsqueeze(0)  # already the right dtype: a view, no copy at all
             return
         step = max(1, chunk_bytes(rows.device) // (self.dim * dtype.itemsize))
         for start in range(0, rows.shape[0], step):
-            yield rows[start : start + step].unsqueeze(0)
+            yield rows[start : start + step].mT.unsqueeze(0)
 
 
 class ConvAdapter:
@@ -121,16 +122,20 @@ class ConvAdapter:
                 v = v.unfold(3 + i, span, layer.stride[i])
             if any(d > 1 for d in layer.dilation):
                 v = v[(..., *(slice(None, None, d) for d in layer.dilation))]
-            # -> (g, b, *out, C/g, *kernel): rows are (b, *out), columns match weight[o].flatten()
-            order = [1, 0, *range(3, 3 + n_sp), 2, *range(3 + n_sp, 3 + 2 * n_sp)]
+            # -> (g, C/g, *kernel, b, *out): a patch per column, its rows ordered as
+            # weight[o].flatten(); the copy runs along the input's contiguous last dimension.
+            order = [1, 2, *range(3 + n_sp, 3 + 2 * n_sp), 0, *range(3, 3 + n_sp)]
             v = v.permute(order)
             if batch_step > 1 or per_sample <= rows_budget:
-                yield v.reshape(self.groups, -1, self.dim)
+                yield v.reshape(self.groups, self.dim, -1)
                 continue
             # One sample is larger than the budget: split it along its first output dimension.
-            row_step = max(1, rows_budget // (per_sample // v.shape[2]))
-            for r in range(0, v.shape[2], row_step):
-                yield v[:, :, r : r + row_step].reshape(self.groups, -1, self.dim)
+            first_out = 3 + n_sp
+            row_step = max(1, rows_budget // (per_sample // v.shape[first_out]))
+            for r in range(0, v.shape[first_out], row_step):
+                yield v.narrow(first_out, r, min(row_step, v.shape[first_out] - r)).reshape(
+                    self.groups, self.dim, -1
+                )
 
 
 Adapter = LinearAdapter | ConvAdapter
