@@ -7,10 +7,11 @@
    the layer alone: TrAct's extra time and extra peak memory over the plain layer, as a fraction
    of ``torch_tract``'s (targets: ≤ 0.5 for time, ≤ 0.25 for memory).
 2. A whole training step (forward, backward, SGD step) of a small CIFAR ResNet at batch 128:
-   time with TrAct on its stem over time without (target: ≤ 1.03).
+   time with TrAct on its stem over time without (target: ≤ 1.03). The two models' steps
+   alternate within each process, and the median ratio over ``--rounds`` processes is reported.
 
-Each measurement runs in its own process, so that peak memory (CUDA's peak allocation, or the
-process's peak resident set on the CPU) belongs to one method; the methods are interleaved
+Each stem measurement runs in its own process, so that peak memory (CUDA's peak allocation, or
+the process's peak resident set on the CPU) belongs to one method; the methods are interleaved
 over several rounds and the median is reported, which keeps a busy machine from favouring one.
 On the CPU, memory is measured in separate processes with glibc's mmap threshold fixed
 (MALLOC_MMAP_THRESHOLD_), so that freed blocks go back to the system and the peak resident set
@@ -72,31 +73,39 @@ def stem_worker(method: str, batch: int, repeats: int, device: str) -> dict[str,
     return {"ms": 1000 * min(times[1:]), "peak_mib": _peak_mib(device)}
 
 
-def step_worker(method: str, batch: int, repeats: int, device: str, model_name: str) -> dict:
-    """Median time of a whole training step of a small CIFAR ResNet."""
+def step_worker(batch: int, repeats: int, device: str, model_name: str) -> dict[str, float]:
+    """Median step time of a CIFAR ResNet with and without TrAct, the two models' steps
+    alternating in one process so that a machine's drift hits both alike."""
     from trainact.experiments.models import build_model
 
-    torch.manual_seed(0)
-    model = build_model(model_name, num_classes=10).to(device)
-    if method == "trainact":
-        trainact.apply(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    times = []
-    for _ in range(repeats + 2):  # two warm-ups
-        _sync(device)
-        start = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return {"ms": 1000 * statistics.median(times[2:]), "peak_mib": _peak_mib(device)}
+    steps = {}
+    for method in ("plain", "trainact"):
+        torch.manual_seed(0)
+        model = build_model(model_name, num_classes=10).to(device)
+        if method == "trainact":
+            trainact.apply(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps[method] = step
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    for i in range(repeats + 2):  # two warm-ups
+        for method in sorted(steps, reverse=i % 2 == 1):  # alternate which goes first
+            _sync(device)
+            start = time.perf_counter()
+            steps[method]()
+            _sync(device)
+            times[method].append(time.perf_counter() - start)
+    return {m: 1000 * statistics.median(t[2:]) for m, t in times.items()}
 
 
-def _run_worker(args: argparse.Namespace, bench: str, method: str) -> dict:
+def _run_worker(args: argparse.Namespace, bench: str, method: str = "") -> dict:
     cmd = [sys.executable, __file__, "--worker", bench, "--method", method]
     cmd += ["--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats)]
     cmd += ["--step-batch", str(args.step_batch), "--model", args.model]
@@ -127,8 +136,7 @@ def main() -> None:
         print(json.dumps(stem_worker(args.method, args.batch, args.repeats, args.device)))
         return
     if args.worker == "step":
-        res = step_worker(args.method, args.step_batch, args.repeats, args.device, args.model)
-        print(json.dumps(res))
+        print(json.dumps(step_worker(args.step_batch, args.repeats, args.device, args.model)))
         return
 
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -154,13 +162,13 @@ def main() -> None:
     if args.only in (None, "step"):
         ratios = []
         for _ in range(args.rounds):
-            base = _run_worker(args, "step", "plain")["ms"]
-            tract = _run_worker(args, "step", "trainact")["ms"]
-            ratios.append(tract / base)
-            print(f"  {args.model} step: plain {base:.1f} ms, trainact {tract:.1f} ms")
+            ms = _run_worker(args, "step")
+            ratios.append(ms["trainact"] / ms["plain"])
+            plain, tract = ms["plain"], ms["trainact"]
+            print(f"  {args.model} step: plain {plain:.1f} ms, trainact {tract:.1f} ms")
         print(
             f"\n{args.model} training step, batch {args.step_batch}: time with TrAct / without = "
-            f"{statistics.median(ratios):.3f} (median of {args.rounds}; target <= 1.03)"
+            f"{statistics.median(ratios):.3f} (median of {args.rounds} processes; target <= 1.03)"
         )
 
 
