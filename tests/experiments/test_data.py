@@ -469,14 +469,12 @@ def test_not_an_archive(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Real data (opt in: decodes 60,000 JPEGs)
+# Real data: the full CIFAR-10 copy in ../shared/data where present (decodes 60,000 JPEGs)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_ARCHIVE.exists(), reason=f"{SHARED_ARCHIVE} is absent")
-@pytest.mark.skipif(os.environ.get("TRAINACT_SLOW") != "1", reason="set TRAINACT_SLOW=1")
-def test_shared_cifar10_jpeg_archive() -> None:
-    ds = load_dataset(SHARED_ARCHIVE, progress=False)
+def test_shared_cifar10_jpeg_archive(tmp_path: Path) -> None:
+    ds = load_dataset(SHARED_ARCHIVE, tmp_path, progress=False)
     assert_well_formed(ds)
     assert ds.name == "cifar10-jpeg" and len(ds.classes) == 10
     assert ds.train_images.shape == (50_000, 3, 32, 32)
