@@ -246,6 +246,8 @@ def train_distributed(
         "blocking_calls": len(log.calls) - sum(log.calls),
         "waits": log.waits,
         "unwaited_after_forward": unwaited_after_forward,
+        # the last collective's Work stays referenced (freed by gloo's thread, it hung exits)
+        "latest_work_held": trainact.distributed._latest_work is not None,
         "forwards": sum(len(m) for m in steps),
         "steps": len(steps),
     }

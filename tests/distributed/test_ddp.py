@@ -67,6 +67,7 @@ def test_defer_no_sync_accumulation_equals_one_big_batch(scenario, name: str) ->
         assert counts["unwaited_after_forward"] == 0
         assert counts["async_calls"] == counts["waits"] == counts["steps"]
         assert counts["blocking_calls"] == 0
+        assert counts["latest_work_held"]
 
 
 @pytest.mark.parametrize("name", ["ddp_missed_precondition", "fsdp_missed_precondition"])
