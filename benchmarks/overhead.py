@@ -163,8 +163,8 @@ def main() -> None:
         ratios = []
         for _ in range(args.rounds):
             ms = _run_worker(args, "step")
-            ratios.append(ms["trainact"] / ms["plain"])
             plain, tract = ms["plain"], ms["trainact"]
+            ratios.append(tract / plain)
             print(f"  {args.model} step: plain {plain:.1f} ms, trainact {tract:.1f} ms")
         print(
             f"\n{args.model} training step, batch {args.step_batch}: time with TrAct / without = "

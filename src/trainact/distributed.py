@@ -42,21 +42,17 @@ def resolve(process_group: ProcessGroupArg) -> dist.ProcessGroup | None:
 _latest_work: dist.Work | None = None
 
 
-def _start_sum(tensor: Tensor, group: dist.ProcessGroup) -> dist.Work:
+def all_reduce_async(tensor: Tensor, group: dist.ProcessGroup) -> dist.Work:
+    """Start summing ``tensor`` in place across ``group``; wait on the returned work."""
     global _latest_work
     _latest_work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
     return _latest_work
 
 
-def all_reduce_async(tensor: Tensor, group: dist.ProcessGroup) -> dist.Work:
-    """Start summing ``tensor`` in place across ``group``; wait on the returned work."""
-    return _start_sum(tensor, group)
-
-
 def all_reduce(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """Sum ``tensor`` in place across ``group`` (a no-op for None) and return it."""
     if group is not None:
-        _start_sum(tensor, group).wait()
+        all_reduce_async(tensor, group).wait()
     return tensor
 
 
