@@ -38,6 +38,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     from trainact.experiments.data import DATASET_NAMES
     from trainact.experiments.models import MODEL_NAMES
     from trainact.experiments.presets import PRESETS
+    from trainact.experiments.train import INPUT_RANGES
 
     presets = "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
     p.add_argument("--preset", help=f"a paper setup ({presets})")
@@ -61,8 +62,13 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)
     _bool_flag(p, "augment", "random crop and flip (default on)")
-    p.add_argument("--mean", type=float, nargs=3, help="normalization (default: the train split's)")
-    p.add_argument("--std", type=float, nargs=3, help="normalization (default: the train split's)")
+    p.add_argument(
+        "--input-range",
+        choices=INPUT_RANGES,
+        help="what the model sees: standardized pixels (the default), [0, 1], or raw [0, 255]",
+    )
+    p.add_argument("--mean", type=float, nargs=3, help="standardization (default: the train's)")
+    p.add_argument("--std", type=float, nargs=3, help="standardization (default: the train's)")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -88,6 +94,9 @@ def build_config(args: argparse.Namespace, **fixed: object) -> Config:
     fields = {f.name for f in dataclasses.fields(Config)}
     budget = fixed.get("epochs", args.epochs)
     values = preset_overrides(args.preset, budget) if args.preset else {}
+    if getattr(args, "input_range", None) not in (None, "standardized"):
+        values.pop("mean", None)  # a preset's standardization, unused by unit or raw inputs
+        values.pop("std", None)
     for name in fields:
         given = getattr(args, name, None)
         if given is not None:
@@ -143,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
         help="epoch budgets (default: the preset's, the paper's grid; without one 1 2 4)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--lams",
+        type=float,
+        nargs="+",
+        metavar="LAMBDA",
+        help="sweep TrAct's lambda too: one TrAct run per value, the baseline once per budget "
+        "and seed (default: --lam only)",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -210,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 budgets,
                 args.seeds,
                 args.out or _default_out("sweep"),
+                lams=args.lams,
                 config_for_budget=lambda e: build_config(args, method="baseline", epochs=e),
                 progress=progress,
             )

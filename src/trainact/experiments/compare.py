@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -131,31 +132,56 @@ def sweep(
     seeds: Sequence[int],
     out_dir: str | Path,
     *,
+    lams: Sequence[float] | None = None,
     config_for_budget: Callable[[int], Config] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Every (budget, method, seed) run to its end; finished runs are skipped on a rerun."""
+    """Every (budget, method, seed) run to its end; finished runs are skipped on a rerun.
+
+    ``lams`` sweeps TrAct's λ: each budget and seed then has one baseline run and one TrAct run
+    per λ (the baseline does not depend on λ, so it is trained once), and TrAct's records carry
+    their ``lam``. Without it TrAct runs with ``cfg.lam``.
+    """
     out = Path(out_dir)
     make = config_for_budget or (lambda e: dataclasses.replace(cfg, epochs=e))
-    identity = {
+    identity: dict = {
         "config": dataclasses.asdict(dataclasses.replace(cfg, method="*", epochs=0)),
         "budgets": list(budgets),
         "seeds": list(seeds),
     }
+    if lams is not None:
+        lams = validate_lams(lams)
+        identity["config"]["lam"] = "*"
+        identity["lams"] = list(lams)
     _claim(out, identity)
     data = load_data(cfg, progress)
-    runs = [(e, m, s, out / f"{m}-e{e}-seed{s}") for e in budgets for s in seeds for m in METHODS]
+    runs = [
+        (e, s, "baseline", None, out / f"baseline-e{e}-seed{s}") for e in budgets for s in seeds
+    ]
+    for e in budgets:
+        for s in seeds:
+            for lam in lams or (None,):
+                name = f"tract-e{e}-seed{s}" if lam is None else f"tract-lam{lam:g}-e{e}-seed{s}"
+                runs.append((e, s, "tract", lam, out / name))
+    runs.sort(key=lambda run: (run[0], run[1]))  # by budget, then seed: baseline first
     finals_path = out / "sweep.jsonl"
-    finals = [r for r in _final_records(run_dirs=[d for *_, d in runs])]
+    finals, done = [], set()
+    for *_, lam, run_dir in runs:
+        record = _final_record(run_dir)
+        if record is not None:
+            finals.append(_with_lam(record, lam))
+            done.add(run_dir)
     finals_path.write_text("".join(json.dumps(r) + "\n" for r in finals))
-    done = {(r["epochs"], r["method"], r["seed"]) for r in finals}
-    for epochs, method, seed, run_dir in runs:
-        if (epochs, method, seed) in done:
+    for epochs, seed, method, lam, run_dir in runs:
+        if run_dir in done:
             log(f"skip {run_dir.name}: finished")
             continue
         run_cfg = dataclasses.replace(make(epochs), method=method, seed=seed)
+        if lam is not None:
+            run_cfg = dataclasses.replace(run_cfg, lam=lam)
         record = train(run_cfg, run_dir, resume=True, data=data, progress=progress)[-1]
+        record = _with_lam(record, lam)
         with finals_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         finals.append(record)
@@ -169,15 +195,31 @@ def sweep(
     return finals
 
 
-def _final_records(run_dirs: Sequence[Path]) -> list[dict]:
-    """The last epoch of every run that reached its budget."""
-    finals = []
-    for d in run_dirs:
-        if (d / "results.jsonl").exists():
-            records = read_jsonl(d / "results.jsonl")
-            if records and records[-1]["epoch"] == records[-1]["epochs"]:
-                finals.append(records[-1])
-    return finals
+def validate_lams(lams: Sequence[float]) -> tuple[float, ...]:
+    """The λ values of a sweep: at least one, each positive and finite, none repeated."""
+    lams = tuple(float(lam) for lam in lams)
+    if not lams:
+        raise ValueError("lams must name at least one λ")
+    bad = [lam for lam in lams if not (lam > 0 and math.isfinite(lam))]
+    if bad:
+        raise ValueError(f"every λ must be a positive number, got {bad}")
+    repeated = sorted({lam for lam in lams if lams.count(lam) > 1})
+    if repeated:
+        raise ValueError(f"λ values repeated: {repeated}; each would be trained once")
+    return lams
+
+
+def _with_lam(record: dict, lam: float | None) -> dict:
+    return record if lam is None else {**record, "lam": lam}
+
+
+def _final_record(run_dir: Path) -> dict | None:
+    """The last epoch of a run that reached its budget; None if it has not."""
+    if (run_dir / "results.jsonl").exists():
+        records = read_jsonl(run_dir / "results.jsonl")
+        if records and records[-1]["epoch"] == records[-1]["epochs"]:
+            return records[-1]
+    return None
 
 
 def _rows(finals: list[dict]):

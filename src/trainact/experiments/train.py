@@ -30,6 +30,8 @@ from trainact.experiments.data import ImageDataset, load_dataset
 from trainact.experiments.models import MODEL_NAMES, build_model
 
 METHODS = ("baseline", "tract")
+# What the model sees: standardized pixels, pixels in [0, 1], or raw pixel values in [0, 255].
+INPUT_RANGES = ("standardized", "unit", "raw")
 
 
 @dataclass
@@ -59,7 +61,8 @@ class Config:
     warmup_epochs: float = 0.0  # linear warm-up from 0 (epochs, may be fractional)
     label_smoothing: float = 0.0
     augment: bool = True  # random crop (4-pixel zero padding) and horizontal flip
-    mean: tuple[float, float, float] | None = None  # normalization; None: the train split's
+    input_range: str = "standardized"  # standardized (x - mean) / std | unit [0, 1] | raw [0, 255]
+    mean: tuple[float, float, float] | None = None  # standardization; None: the train split's
     std: tuple[float, float, float] | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -75,6 +78,7 @@ class Config:
             "schedule": ("cosine", "step", "constant"),
             "device": ("auto", "cpu", "cuda"),
             "amp": ("none", "bf16", "fp16"),
+            "input_range": INPUT_RANGES,
         }
         for field, valid in choices.items():
             if getattr(self, field) not in valid:
@@ -92,6 +96,11 @@ class Config:
         for field in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"{field} must be at least 0, got {getattr(self, field)}")
+        if self.input_range != "standardized" and (self.mean is not None or self.std is not None):
+            raise ValueError(
+                f"mean and std standardize the inputs: they do not apply to input_range "
+                f"{self.input_range!r}"
+            )
         if self.train_subset is not None and self.train_subset < 1:
             raise ValueError(f"train_subset must be at least 1, got {self.train_subset}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -142,7 +151,12 @@ def augment(images: Tensor, gen: torch.Generator) -> Tensor:
     return torch.where(flip.view(b, 1, 1, 1), crops.flip(3), crops)
 
 
-def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+def normalize(images: Tensor, input_range: str, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 pixels as the model's float input in ``input_range`` (see :data:`INPUT_RANGES`)."""
+    if input_range == "raw":
+        return images.float()
+    if input_range == "unit":
+        return images.float() / 255
     return (images.float() / 255 - mean) / std
 
 
@@ -193,7 +207,7 @@ def evaluate(
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(images), cfg.eval_batch_size):
-        x = normalize(images[start : start + cfg.eval_batch_size], mean, std)
+        x = normalize(images[start : start + cfg.eval_batch_size], cfg.input_range, mean, std)
         y = labels[start : start + cfg.eval_batch_size]
         with amp():
             logits = model(x).float()
@@ -314,7 +328,7 @@ def train(
             images = train_x[idx]
             if cfg.augment:
                 images = augment(images, gen)
-            x, y = normalize(images, mean, std), train_y[idx]
+            x, y = normalize(images, cfg.input_range, mean, std), train_y[idx]
             with amp():
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
