@@ -167,6 +167,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("plot", help="redraw the figure of a compare or sweep directory")
     p.add_argument("directory", type=Path)
+    p.add_argument(
+        "--x",
+        choices=["epoch", "time", "both"],
+        default="both",
+        help="a compare's accuracy.png against epochs, wall-clock seconds, or both (default)",
+    )
     return parser
 
 
@@ -194,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if args.command == "plot":
-            print(f"wrote {plot_dir(args.directory)}")
+            x = ("epoch", "time") if args.x == "both" else (args.x,)
+            print(f"wrote {plot_dir(args.directory, x)}")
             return 0
+        if args.command == "sweep" and args.lams is not None and args.lam is not None:
+            raise ValueError("--lam and --lams both set TrAct's λ: give one of them")
         fixed = {} if args.command == "train" else {"method": "baseline"}
         cfg = build_config(args, **fixed)
         if args.threads is not None and args.threads < 1:

@@ -10,7 +10,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from trainact.experiments.data import ImageDataset
-from trainact.experiments.plot import mean_std_by, plot_budgets, plot_curves, read_jsonl
+from trainact.experiments.evidence import (
+    Difference,
+    compare_evidence,
+    compare_verdict,
+    sweep_evidence,
+)
+from trainact.experiments.plot import (
+    mean_std_by,
+    plot_budgets,
+    plot_curves,
+    plot_lams,
+    read_jsonl,
+)
 from trainact.experiments.train import METHODS, Config, load_data, train
 
 
@@ -33,18 +45,6 @@ def _rebuild(path: Path, run_dirs: Sequence[Path], name: str = "results.jsonl") 
     records = [r for d in run_dirs if (d / name).exists() for r in read_jsonl(d / name)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
-
-
-def speedup(records: list[dict], epochs: int) -> dict:
-    """Epochs TrAct needs (mean over seeds) to reach the baseline's final mean accuracy."""
-    stats = mean_std_by(records, "epoch")
-    target = stats["baseline"][epochs][0]
-    reached = next((e for e, (m, _, _) in stats["tract"].items() if m >= target), None)
-    return {
-        "baseline_final_acc": target,
-        "tract_epochs_to_baseline_final": reached,
-        "speedup": epochs / reached if reached else None,
-    }
 
 
 def compare(
@@ -93,20 +93,24 @@ def compare(
     records = _rebuild(combined, [d for _, _, d in runs])
 
     stats = mean_std_by(records, "epoch")
-    log(f"\n{'epoch':>5}  {'baseline test acc':>18}  {'TrAct test acc':>18}")
+    evidence = compare_evidence(records, cfg.epochs)
+    header = ["baseline test acc", "TrAct test acc", "TrAct - baseline [95% CI]"]
+    log(f"\n{'epoch':>5}  {header[0]:>18}  {header[1]:>18}  {header[2]:>26}")
     for epoch in range(1, cfg.epochs + 1):
         cells = [
             f"{100 * stats[m][epoch][0]:6.2f} ± {100 * stats[m][epoch][1]:5.2f} %" for m in METHODS
         ]
-        log(f"{epoch:>5}  {cells[0]:>18}  {cells[1]:>18}")
+        diff = Difference(**evidence["per_epoch_difference"][epoch]).text()
+        log(f"{epoch:>5}  {cells[0]:>18}  {cells[1]:>18}  {diff:>26}")
     summary = {
         "config": identity["config"],
         "seeds": list(seeds),
         "final": {
             m: {"mean": stats[m][cfg.epochs][0], "std": stats[m][cfg.epochs][1]} for m in METHODS
         },
-        **speedup(records, cfg.epochs),
+        **evidence,
     }
+    summary["verdict"] = compare_verdict(evidence, cfg.epochs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(records, out / "accuracy.png", f"{cfg.model} on {data.name}, {len(seeds)} seeds")
     final = summary["final"]
@@ -115,13 +119,8 @@ def compare(
         f"baseline {100 * final['baseline']['mean']:.2f} ± {100 * final['baseline']['std']:.2f} %,"
         f" TrAct {100 * final['tract']['mean']:.2f} ± {100 * final['tract']['std']:.2f} %"
     )
-    reached = summary["tract_epochs_to_baseline_final"]
-    log(
-        f"TrAct reached the baseline's final accuracy after {reached} of {cfg.epochs} epochs "
-        f"(speed-up {summary['speedup']:.2f}x)"
-        if reached
-        else "TrAct did not reach the baseline's final accuracy within the budget"
-    )
+    for line in summary["verdict"]:
+        log(line)
     log(f"wrote {combined}, {out / 'summary.json'}, {out / 'accuracy.png'}")
     return summary
 
@@ -186,11 +185,23 @@ def sweep(
             f.write(json.dumps(record) + "\n")
         finals.append(record)
         log(f"{run_dir.name}: test accuracy {100 * record['test_acc']:.2f} %")
-    plot_budgets(finals, out / "budgets.png", f"{cfg.model} on {data.name}")
-    for budget, (m_b, s_b, _), (m_t, s_t, _) in _rows(finals):
+    title = f"{cfg.model} on {data.name}"
+    plot_budgets(finals, out / "budgets.png", title)
+    if lams is not None:
+        plot_lams(finals, out / "lams.png", title)
+    rows = sweep_evidence(finals)
+    (out / "summary.json").write_text(json.dumps({"config": identity, "budgets": rows}, indent=2))
+    log(
+        f"\n{'budget':>6}  {'variant':>14}  {'baseline':>16}  {'TrAct':>16}  "
+        f"{'TrAct - baseline [95% CI]':>26}  verdict"
+    )
+    for row in rows:
+        b, t = row["baseline"], row["tract"]
         log(
-            f"{budget:>5} epochs: baseline {100 * m_b:.2f} ± {100 * s_b:.2f} %, "
-            f"TrAct {100 * m_t:.2f} ± {100 * s_t:.2f} %"
+            f"{row['epochs']:>6}  {row['variant']:>14}  "
+            f"{100 * b['mean']:6.2f} ± {100 * b['std']:5.2f} %  "
+            f"{100 * t['mean']:6.2f} ± {100 * t['std']:5.2f} %  "
+            f"{Difference(**row['difference']).text():>26}  {row['verdict']}"
         )
     return finals
 
@@ -220,11 +231,3 @@ def _final_record(run_dir: Path) -> dict | None:
         if records and records[-1]["epoch"] == records[-1]["epochs"]:
             return records[-1]
     return None
-
-
-def _rows(finals: list[dict]):
-    stats = mean_std_by(finals, "epochs")
-    if set(stats) != set(METHODS):
-        return []
-    budgets = sorted(set(stats["baseline"]) & set(stats["tract"]))
-    return [(b, stats["baseline"][b], stats["tract"][b]) for b in budgets]
