@@ -1,12 +1,14 @@
 """The ``trainact`` command: train, compare, sweep, plot.
 
     trainact compare                       # the main job: baseline vs TrAct, minutes on a CPU
+    trainact compare --model vit-tiny --optimizer adam --lr 1e-3 --input-range raw
     trainact train --method tract --model resnet-narrow --epochs 10
     trainact train --out runs/t --resume   # continue an interrupted run
     trainact compare --preset resnet18-cifar10-sgd --epochs 100 --seeds 0 1 2 --device cuda
     trainact sweep --preset resnet18-cifar10-sgd --seeds 0 1 2 --device cuda --out runs/fig3
     trainact sweep --budgets 1 2 4 --dataset path/to/images.tar.gz   # train/<class>/*, test/...
-    trainact plot runs/sweep
+    trainact sweep --budgets 1 --lams 0.01 0.1 1 10    # λ: the baseline once per budget and seed
+    trainact plot runs/compare-... --x time        # accuracy against wall-clock seconds
 
 Precedence: built-in defaults < --preset < explicit options.
 """
@@ -132,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         "compare", help="baseline vs TrAct over seeds (the main job)", description=defaults
     )
     _add_config_args(p, method=False)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
         "--out",
         type=Path,
