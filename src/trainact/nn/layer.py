@@ -12,7 +12,6 @@ model`` frees it at once) and nothing in ``state_dict()``.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -86,8 +85,8 @@ class TrActState:
     def __deepcopy__(self, memo: dict[int, Any]) -> TrActState:
         """Copies (an EMA model, say) share the settings, the process group included, and
         start with no pending statistics: those belong to the original's gradient."""
-        new = copy.copy(self)
-        new.pending = None
+        new = TrActState.__new__(TrActState)
+        new.__dict__.update(self.__dict__, pending=None)
         return new
 
     def __getstate__(self) -> dict[str, Any]:
