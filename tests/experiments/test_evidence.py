@@ -302,3 +302,24 @@ def test_lambda_sweep_trains_the_baseline_once_per_budget_and_seed(folder, tmp_p
     assert (tmp_path / "sweep" / "lams.png").exists()
     runs.clear()
     assert cli.main(argv) == 0 and runs == []  # everything finished: nothing retrained
+
+
+def test_final_accuracies_of_several_compare_directories(tmp_path, capsys):
+    for name, gain in (("unit", 0.05), ("raw", 0.2)):
+        rs = records(
+            {
+                "baseline": [[0.3, 0.4]] * 3,
+                "tract": [[0.3, 0.4 + gain + 0.01 * s] for s in range(3)],
+            },
+            {"baseline": 1, "tract": 1},
+        )
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    dirs = [str(tmp_path / "unit"), str(tmp_path / "raw")]
+    assert cli.main(["plot", *dirs]) == 1
+    assert "--out" in capsys.readouterr().err
+    assert cli.main(["plot", *dirs, "--out", str(tmp_path / "finals.png")]) == 0
+    with Image.open(tmp_path / "finals.png") as png:
+        assert png.size[0] > 100
+    assert cli.main(["plot", *dirs, str(tmp_path), "--out", str(tmp_path / "x.png")]) == 1
+    assert "holds no compare results.jsonl" in capsys.readouterr().err

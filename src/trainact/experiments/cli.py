@@ -167,8 +167,13 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="output directory (default runs/sweep-<time>); rerun with the same --out to resume",
     )
-    p = sub.add_parser("plot", help="redraw the figure of a compare or sweep directory")
-    p.add_argument("directory", type=Path)
+    p = sub.add_parser(
+        "plot",
+        help="redraw the figure of a compare or sweep directory, or draw the final accuracies "
+        "of several compare directories side by side (--out)",
+    )
+    p.add_argument("directory", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="with several compare directories: the figure's path")
     p.add_argument(
         "--x",
         choices=["epoch", "time", "both"],
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainact.experiments.compare import compare, sweep
-    from trainact.experiments.plot import plot_dir
+    from trainact.experiments.plot import plot_dir, plot_finals
     from trainact.experiments.presets import get_preset
     from trainact.experiments.train import NonFiniteLoss, resolve_device, train
 
@@ -202,8 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if args.command == "plot":
+            if len(args.directory) > 1:
+                if args.out is None:
+                    raise ValueError("several directories make one figure: name it with --out")
+                print(f"wrote {plot_finals(args.directory, args.out)}")
+                return 0
             x = ("epoch", "time") if args.x == "both" else (args.x,)
-            print(f"wrote {plot_dir(args.directory, x)}")
+            print(f"wrote {plot_dir(args.directory[0], x)}")
             return 0
         if args.command == "sweep" and args.lams is not None and args.lam is not None:
             raise ValueError("--lam and --lams both set TrAct's λ: give one of them")

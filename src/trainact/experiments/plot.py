@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trainact.experiments.evidence import variant  # noqa: E402
+from trainact.experiments.evidence import Difference, compare_evidence, variant  # noqa: E402
 
 COLORS = {"baseline": "tab:blue", "tract": "tab:red"}
 LABELS = {"baseline": "baseline", "tract": "TrAct"}
@@ -142,6 +142,41 @@ def plot_lams(records: list[dict], path: Path, title: str = "") -> Path:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_finals(directories: list[Path], path: Path, title: str = "") -> Path:
+    """Final test accuracy of several compare directories side by side (mean ± std over seeds),
+    each labelled with its directory name and the paired TrAct − baseline difference [95% CI]."""
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(directories)), 4), dpi=120)
+    labels = []
+    for i, directory in enumerate(directories):
+        results = directory / "results.jsonl"
+        records = read_jsonl(results) if results.is_file() else []
+        if not records:
+            raise FileNotFoundError(f"{directory} holds no compare results.jsonl")
+        epochs = max(r["epochs"] for r in records)
+        final = [r for r in records if r["epoch"] == epochs]
+        for j, (name, (mu, sd, _)) in enumerate(
+            (name, by[epochs]) for name, by in sorted(mean_std_by(final, "epoch").items())
+        ):
+            ax.errorbar(
+                i + 0.12 * (2 * j - 1),
+                100 * mu,
+                100 * sd,
+                marker="o",
+                capsize=4,
+                color=COLORS.get(name),
+                label=LABELS.get(name, name) if i == 0 else None,
+            )
+        diff = Difference(**compare_evidence(records, epochs)["final_difference"])
+        labels.append(f"{directory.name}\n{diff.text()}")
+    ax.set_xticks(range(len(directories)), labels)
+    ax.set_xlim(-0.6, len(directories) - 0.4)
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(title or "final accuracy; below: TrAct − baseline [95% CI], points")
+    ax.grid(alpha=0.3, axis="y")
     ax.legend()
     return _save(fig, path)
 
