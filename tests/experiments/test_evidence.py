@@ -141,6 +141,15 @@ def test_speedup_counts_from_where_tract_stays_above():
         records({"baseline": base, "tract": tract}, {"baseline": 1, "tract": 1}), 4
     )
     assert ev["tract_epochs_to_baseline_final"] == 3
+    # only at the last epoch: wall-clock given, but no speed-up in epochs
+    last = compare_evidence(
+        records(
+            {"baseline": base, "tract": [a[:3] + [0.6] for a in base]}, {"baseline": 2, "tract": 1}
+        ),
+        4,
+    )
+    assert last["speedup"] == 1.0 and last["time_speedup"] == pytest.approx(2.0, rel=0.01)
+    assert "no speed-up in epochs" in "\n".join(compare_verdict(last, 4))
 
 
 def test_one_seed_claims_nothing():
