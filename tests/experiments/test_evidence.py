@@ -3,6 +3,7 @@ accuracy-against-time figure, and the ablation options (input range, λ sweep)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -332,3 +333,15 @@ def test_final_accuracies_of_several_compare_directories(tmp_path, capsys):
         assert png.size[0] > 100
     assert cli.main(["plot", *dirs, str(tmp_path), "--out", str(tmp_path / "x.png")]) == 1
     assert "holds no compare results.jsonl" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_input_range_existed_resumes(folder, tmp_path):
+    cfg = train.Config(dataset=str(folder), data_dir=str(tmp_path / "c"), epochs=1, batch_size=32)
+    train.train(cfg, tmp_path / "run", progress=False)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]["input_range"]  # as written before the option existed
+    torch.save(state, ckpt)
+    assert len(train.train(cfg, tmp_path / "run", resume=True, progress=False)) == 1
+    with pytest.raises(ValueError, match="input_range differ"):
+        train.train(dataclasses.replace(cfg, input_range="raw"), tmp_path / "run", resume=True)

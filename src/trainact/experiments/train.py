@@ -240,7 +240,13 @@ RESUMABLE_CHANGES = ("data_dir", "device", "compile", "eval_batch_size")
 
 
 def _changed_fields(saved: dict, current: dict) -> list[str]:
-    return [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    """Fields that differ; one the saved run predates (e.g. input_range) counts as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    return [
+        k
+        for k in current
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current[k]
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
