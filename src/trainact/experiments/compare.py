@@ -1,5 +1,6 @@
 """Baseline against TrAct, same initialization, data order and hyperparameters, over seeds;
-and the sweep over epoch budgets. Both resume: finished epochs and runs are never redone."""
+and the sweep over epoch budgets (and λ). Both resume: finished epochs and runs are never redone,
+and both state the difference with its uncertainty (:mod:`trainact.experiments.evidence`)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ def compare(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train baseline and TrAct for each seed; write results.jsonl, summary.json, accuracy.png.
+    """Train baseline and TrAct for each seed; write results.jsonl, summary.json (the numbers of
+    :func:`~trainact.experiments.evidence.compare_evidence` and the verdict in words) and
+    accuracy.png (against epochs and against training time).
 
     ``data`` replaces the dataset ``cfg`` names (already loaded, for tests and notebooks).
     """
