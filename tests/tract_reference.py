@@ -1,4 +1,5 @@
-"""Shared float64 references for the core tests: patches extracted by the layer's own forward."""
+"""Float64 references for the tests and benchmarks/gpu_check.py: patches extracted by the layer's
+own forward, on the input's device."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def reference_patches(layer: nn.Module, x: Tensor) -> Tensor:
         return x.reshape(1, -1, plain.in_features)
     groups, per_group = plain.groups, plain.in_channels // plain.groups
     d = per_group * math.prod(plain.kernel_size)
-    eye = torch.eye(d, dtype=torch.float64).reshape(d, per_group, *plain.kernel_size)
+    eye = torch.eye(d, dtype=torch.float64, device=x.device)
+    eye = eye.reshape(d, per_group, *plain.kernel_size)
     z = plain._conv_forward(x, eye.repeat(groups, *([1] * (eye.dim() - 1))), None)
     if x.dim() == len(plain.kernel_size) + 1:  # unbatched
         z = z.unsqueeze(0)
@@ -35,7 +37,7 @@ def reference_tract_grad(layer: nn.Module, x: Tensor, plain_grad: Tensor, lam: f
     """G·(XᵀX/n + λI)⁻¹ per group, in float64, from an explicit inverse."""
     patches = reference_patches(layer, x)
     groups, n, d = patches.shape
-    eye = torch.eye(d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64, device=patches.device)
     a = patches.mT @ patches / max(n, 1) + lam * eye
     g = plain_grad.double().reshape(groups, -1, d)
     return (g @ torch.linalg.inv(a)).reshape(plain_grad.shape)
