@@ -91,7 +91,9 @@ PART_HOW = {
     "(the same seed for both, loss = output · a fixed random tensor) of the model and of a plain "
     "copy; the first layer's input is captured by a forward pre-hook on the copy, and the "
     "TrAct gradient is compared with G·(XᵀX/n + λI)⁻¹ in float64. Inputs: CIFAR-10 photos "
-    "upsampled and standardized (vision), random normal features (audio).",
+    "upsampled and standardized (vision), random normal features (audio). All-zero weight "
+    "matrices (torchvision ViT's head) are first given N(0, 0.02²) values, else no gradient "
+    "would reach the first layer.",
     3: "Forward, cross-entropy, backward and SGD (momentum 0.9) step of the model with and "
     "without TrAct (on its first layer, named with `layer=`), the two models' steps alternating "
     "in one process (benchmarks/overhead.py `alternate_steps`), each step timed between "
@@ -300,7 +302,10 @@ def _describe(err: BaseException, limit: int = 300) -> str:
 def rel_err(got: Tensor, expected: Tensor) -> float:
     """‖got − expected‖_F / ‖expected‖_F in float64 (NaN if ``got`` is not finite)."""
     got, expected = got.detach().double(), expected.detach().double()
-    return ((got - expected).norm() / expected.norm()).item()
+    norm = expected.norm().item()
+    if norm == 0:
+        raise ValueError("the reference gradient is zero: the comparison would prove nothing")
+    return (got - expected).norm().item() / norm
 
 
 def _fmt(x: float) -> str:
@@ -887,6 +892,10 @@ def zoo_check(ctx: Context, entry: ZooModel) -> Outcome:
     torch.manual_seed(0)
     with torch.device(ctx.device):
         model = entry.build(ctx.sizes).train()
+    with torch.no_grad():  # torchvision's ViT head starts at zero: no gradient would reach the stem
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0, 0.02)
     args, kwargs = entry.inputs(ctx)
     plain = copy.deepcopy(model)
     try:
