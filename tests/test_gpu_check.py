@@ -48,8 +48,13 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, dict, s
     return run.returncode, out.read_text(), data, run.stdout + run.stderr
 
 
-def _landed() -> set[str]:
-    return set(inspect.signature(trainact.apply).parameters)
+def _pending(check: dict) -> bool:
+    """A failure allowed until main's ``trainact.apply`` has the keyword the check needs: a
+    measured miss, or the keyword refused; any other error is a broken check."""
+    keyword = check["needs"]
+    if not keyword or keyword in inspect.signature(trainact.apply).parameters:
+        return False
+    return not check["note"] or f"unexpected keyword argument '{keyword}'" in check["note"]
 
 
 def test_every_part_runs_and_passes(dry_run: tuple[int, str, dict, str]) -> None:
@@ -58,19 +63,21 @@ def test_every_part_runs_and_passes(dry_run: tuple[int, str, dict, str]) -> None
     assert data["dry_run"] is True
     for part, title in PARTS.items():
         assert f"## {part}. {title}" in markdown
-        passed = [c for c in checks if c["part"] == part and c["status"] == "pass"]
-        assert passed, f"part {part} has no passing check:\n{log[-3000:]}"
-    landed = _landed()
+        ran = [c for c in checks if c["part"] == part and c["status"] != "skip"]
+        assert ran, f"part {part} ran no check:\n{log[-3000:]}"
     unexpected = [
         f"[{c['part']}] {c['name']}: {c['status']} {c['skip_kind']} {c['measured']} {c['note']}"
         for c in checks
         if not (
             c["status"] == "pass"
             or (c["status"] == "skip" and c["skip_kind"] in ("cuda", "package", "dry-run"))
-            or (c["status"] == "fail" and c["needs"] and c["needs"] not in landed)
+            or (c["status"] == "fail" and _pending(c))
         )
     ]
     assert not unexpected, "\n".join(unexpected)
+    for c in checks:  # the zoo's gradient is checked, and matches, even where discovery is pending
+        if c["part"] == 2 and c["status"] != "skip":
+            assert float(c["measured"].rsplit("gradient ", 1)[1]) <= 1e-4, c
     failed = [c for c in checks if c["status"] == "fail"]
     assert returncode == (1 if failed else 0), log[-3000:]
 
