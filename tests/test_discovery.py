@@ -366,8 +366,9 @@ def test_bert_first_layer_is_an_embedding():
     ids = torch.randint(0, 50, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
     with pytest.raises(ValueError, match=r"embeddings.word_embeddings \(nn.Embedding\)"):
-        trainact.apply(t.BertModel(config), example_inputs={"input_ids": ids, "attention_mask": mask})
+        trainact.apply(t.BertModel(config), example_inputs=inputs)
 
 
 def test_a_padding_mask_is_no_input_to_the_attention():
