@@ -121,18 +121,20 @@ class WrittenIntoBuffer(Plain):
         return super().forward(buf)
 
 
-class AssignedIntoBuffer(nn.Module):
-    """Item assignment, also into a view (fx cannot trace it; a run can)."""
+class AssignedIntoBuffer(Plain):
+    """Item assignment, or a write into a view (fx cannot trace either; a run can)."""
 
-    def __init__(self) -> None:
+    def __init__(self, through_view: bool) -> None:
         super().__init__()
-        self.stem, self.head = nn.Conv2d(5, 4, 3), nn.Linear(4, 2)
+        self.through_view = through_view
 
     def forward(self, x):
-        buf = torch.zeros(x.shape[0], 5, x.shape[2], x.shape[3])
-        buf[:, :2] = x[:, :2]
-        buf.narrow(1, 2, 1).copy_(x[:, 2:])
-        return self.head(self.stem(buf).mean((2, 3)))
+        buf = torch.zeros(x.shape)
+        if self.through_view:
+            buf.narrow(0, 0, x.shape[0]).copy_(x)
+        else:
+            buf[:] = x
+        return super().forward(buf)
 
 
 class ShapeOnlyToHead(nn.Module):
@@ -143,7 +145,8 @@ class ShapeOnlyToHead(nn.Module):
         self.stem, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.head(self.stem(x).mean((2, 3)) + torch.zeros_like(x).new_zeros(x.shape[0], 4))
+        zeros = torch.zeros_like(x)[:, :1, 0, 0, None] + x.new_zeros(x.shape[0], 4)
+        return self.head(self.stem(x).mean((2, 3)) + zeros)
 
 
 class Branchy(Plain):
@@ -220,8 +223,9 @@ def test_untraceable_model_with_one_layer_and_no_other_weight():
         find_first_layer(OneConv(nn.ConvTranspose2d(3, 3, 1)))
 
 
-def test_the_run_follows_item_assignment_and_writes_into_views():
-    assert find_first_layer(AssignedIntoBuffer(), IMAGES) == "stem"
+@pytest.mark.parametrize("through_view", [False, True])
+def test_the_run_follows_item_assignment_and_writes_into_views(through_view):
+    assert find_first_layer(AssignedIntoBuffer(through_view), IMAGES) == "stem"
 
 
 def test_example_inputs_as_tensor_tuple_and_dict():
