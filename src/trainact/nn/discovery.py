@@ -308,12 +308,12 @@ class _TaintMode(TorchFunctionMode):
                 self._meet(_Meeting(name, module))
             entered = hit or self.inside_layer > 0
             self.entered.append(entered)
-            self.inside_layer += entered
+            self.inside_layer += int(entered)
 
         return hook
 
     def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.inside_layer -= self.entered.pop()
+        self.inside_layer -= int(self.entered.pop())
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -361,8 +361,11 @@ def find_first_layer(model: nn.Module, example_inputs: Any = None) -> str:
     parameters (Linear, Conv, Embedding, MultiheadAttention, RNNs, ConvTranspose, ...) except
     normalizations and PReLU, which act per channel and let the input through, and any
     function given a weight (``F.conv2d``/``F.linear``/``F.embedding`` in any case, a matrix
-    product when an operand is a parameter). Reading only the input's shape or dtype (a class
-    token's ``expand(x.shape[0], ...)``, ``zeros_like(x)``) does not pass it on.
+    product when an operand is a parameter). A tensor the input is written into
+    (``buf.copy_(x)``, ``buf[:, :3] = x``) derives from it; reading only the input's shape or
+    dtype (a class token's ``expand(x.shape[0], ...)``, ``zeros_like(x)``) does not pass it
+    on, nor does a boolean mask computed from it (a mask selects values, it does not supply
+    them: a padding mask is no input to the attention it masks).
 
     How the model is seen: with ``example_inputs`` (a tensor, a tuple of positional arguments
     or a dict of keyword arguments; every tensor in it is an input), by one forward run in eval
