@@ -364,8 +364,8 @@ def find_first_layer(model: nn.Module, example_inputs: Any = None) -> str:
     product when an operand is a parameter). A tensor the input is written into
     (``buf.copy_(x)``, ``buf[:, :3] = x``) derives from it; reading only the input's shape or
     dtype (a class token's ``expand(x.shape[0], ...)``, ``zeros_like(x)``) does not pass it
-    on, nor does a boolean mask computed from it (a mask selects values, it does not supply
-    them: a padding mask is no input to the attention it masks).
+    on, nor, in a forward run, does a boolean tensor computed from it (a mask selects values,
+    it does not supply them: a padding mask is no input to the attention it masks).
 
     How the model is seen: with ``example_inputs`` (a tensor, a tuple of positional arguments
     or a dict of keyword arguments; every tensor in it is an input), by one forward run in eval
