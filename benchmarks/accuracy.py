@@ -127,7 +127,7 @@ def main() -> None:
     dtype = torch.float64 if args.statistics_dtype == "float64" else None
     images = photos()
     print(f"statistics_dtype={args.statistics_dtype}, lambda={LAM}, torch {torch.__version__}")
-    print(f"| case | relative error | target |\n|---|---:|---:|")
+    print("| case | relative error | target |\n|---|---:|---:|")
     for case in CASES:
         target = 1e-6 if dtype is torch.float64 else case.target
         error = case_error(case, images, dtype)
