@@ -7,7 +7,7 @@ On a machine without CUDA the dry run is automatic (tiny sizes, under a minute o
 ``tests/test_gpu_check.py`` runs it in CI. ``benchmarks/gpu_run.sh`` prepares the folder that
 travels to a lent GPU machine and holds the exact device command.
 
-1. Correctness against a float64 reference (patches extracted explicitly, tests/tract_reference):
+1. Correctness against a float64 reference (patches extracted explicitly, trainact.testing):
    every layer family and the options that take other CUDA kernels; the accuracy targets of the
    statistics issue on real photos, with float32 matmuls strict and with TF32 allowed (matmul
    precision "high", cuDNN TF32 on); float64 statistics; bf16 and fp16 autocast (fp16 with a
@@ -59,11 +59,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import trainact
+from trainact.testing import reference_tract_grad
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import accuracy  # noqa: E402  (benchmarks/accuracy.py: the statistics issue's cases)
 import overhead  # noqa: E402  (benchmarks/overhead.py: the stem worker and the step timer)
-from tract_reference import reference_tract_grad  # noqa: E402  (the tests' float64 reference)
 
 LAM = 0.1
 COMPARE_SECONDS = 180  # part 4: training time for both methods together
@@ -79,10 +80,11 @@ PART_HOW = {
     1: "Each figure is ‖G_TrAct − G·(XᵀX/n + λI)⁻¹‖_F / ‖G·(XᵀX/n + λI)⁻¹‖_F with λ = 0.1: "
     "G is the weight gradient of a plain copy of the layer (or model) on the same input and "
     "upstream gradient, under the same settings, so the figure measures TrAct's statistics and "
-    "solve alone; X is extracted explicitly in float64 (tests/tract_reference.py). Photos are "
-    "the embedded CIFAR-10 subset's test images: standardized with the subset's channel "
-    "statistics, [0, 1], raw [0, 255], *smooth* = bilinearly upsampled to 128 px in [0, 255], "
-    "*over-exposed* = smooth mapped into [200, 255]. 'fp32' runs with "
+    "solve alone; X is extracted explicitly in float64 (`trainact.testing`). The accuracy rows "
+    "are benchmarks/accuracy.py's cases (real photos of the embedded CIFAR-10 subset: "
+    "standardized, [0, 1], raw [0, 255], *smooth* = bilinearly upsampled to 128 px in "
+    "[0, 255], *over-exposed* = smooth mapped into [200, 255]) plus larger inputs whose "
+    "statistics take many chunks. 'fp32' runs with "
     "`torch.set_float32_matmul_precision('highest')` and cuDNN TF32 off, 'TF32 on' with "
     "`'high'` and `torch.backends.cudnn.allow_tf32 = True`; cuDNN deterministic.",
     2: "Each model is built without downloads (Hugging Face from small configs), in train mode. "
@@ -117,8 +119,7 @@ PART_HOW = {
 class Sizes:
     """Problem sizes of one run: the full GPU check or the tiny dry run."""
 
-    photos: int  # real photos per accuracy case at 32 px
-    smooth_photos: int  # photos per case upsampled to 128 px
+    chunked_photos: tuple[int, int]  # photos of the many-chunk accuracy cases (32, 128 px)
     layer_batch: int  # layer-family checks
     model_batch: int  # small-CNN checks (autocast, scaler, compile, checkpoint, sync)
     model_hw: int
@@ -137,8 +138,7 @@ class Sizes:
 
 
 GPU = Sizes(
-    photos=256,
-    smooth_photos=64,
+    chunked_photos=(1024, 256),  # 154 and 616 MB of float32 patches: 32 MiB chunks on a GPU
     layer_batch=64,
     model_batch=64,
     model_hw=32,
@@ -156,8 +156,7 @@ GPU = Sizes(
     compare_max_epochs=200,
 )
 DRY = Sizes(
-    photos=32,
-    smooth_photos=16,
+    chunked_photos=(64, 8),  # 9.6 and 19 MB: 4 MiB chunks on a CPU
     layer_batch=4,
     model_batch=8,
     model_hw=16,
@@ -199,7 +198,6 @@ class Check:
     part: int
     name: str
     target: str
-    needs: str = ""  # the API change of main the check depends on, if any
     status: str = "pass"  # pass | fail | skip
     measured: str = ""
     note: str = ""
@@ -247,7 +245,7 @@ class Context:
     def check(self, part: int, name: str, fn: Callable[[], Outcome], *, target: str) -> Check:
         """Run one check within the part's time, recording a pass, fail or skip; after a check
         of parts 2 and 3 (whole models) CUDA memory is collected, TrAct layers being in cycles."""
-        check = Check(part, name, target, needs=_NEEDS[-1] if _NEEDS else "")
+        check = Check(part, name, target)
         start = time.monotonic()
         try:
             if self.remaining() <= 0:
@@ -275,20 +273,6 @@ class Context:
             flush=True,
         )
         return check
-
-
-_NEEDS: list[str] = []  # the innermost `needs` block's feature
-
-
-@contextmanager
-def needs(feature: str) -> Iterator[None]:
-    """Mark the checks made inside as depending on an API change (a keyword of
-    ``trainact.apply``) that may not have landed yet; tests/test_gpu_check.py reads the mark."""
-    _NEEDS.append(feature)
-    try:
-        yield
-    finally:
-        _NEEDS.pop()
 
 
 def _describe(err: BaseException, limit: int = 300) -> str:
@@ -394,37 +378,23 @@ def layer_family_cases(ctx: Context) -> list[tuple[str, Callable[[], nn.Module],
     ]
 
 
-def accuracy_cases(ctx: Context) -> list[tuple[str, Callable[[], nn.Module], Tensor, float]]:
-    """The statistics issue's cases on real photos: (name, layer, input, target)."""
-    s = ctx.sizes
-    raw = ctx.photos()[: s.photos].float()
-    unit = raw / 255
-    std = ctx.standardized(s.photos, 32)
-    smooth = F.interpolate(raw[: s.smooth_photos], size=128, mode="bilinear", align_corners=False)
-    smooth = smooth.clamp(0, 255)
-    over = 200 + smooth * (55 / 255)
-    # 8×8 patches of the raw photos as tokens: (B, 16, 192)
-    tokens = raw.reshape(-1, 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(-1, 16, 192)
-    rows = torch.randn(16, 300, device=ctx.device)
+def accuracy_cases(ctx: Context) -> list[accuracy.Case]:
+    """benchmarks/accuracy.py's cases, and two inputs large enough for many statistics chunks."""
+    n32, n128 = ctx.sizes.chunked_photos
     return [
-        ("standardized, 3×3/1 pad 1", _conv(3, 16, 3, 1, 1), std, 3e-5),
-        ("[0, 1], 7×7/2 pad 3", _conv(3, 64, 7, 2, 3), unit, 3e-5),
-        ("[0, 1], 4×4/4", _conv(3, 64, 4, 4), unit, 3e-5),
-        ("raw [0, 255], 3×3/1 pad 1", _conv(3, 16, 3, 1, 1), raw, 2e-3),
-        ("raw [0, 255], 7×7/2 pad 3", _conv(3, 64, 7, 2, 3), raw, 2e-3),
-        ("raw [0, 255], 4×4/4", _conv(3, 64, 4, 4), raw, 2e-3),
-        ("raw [0, 255], 8×8/8", _conv(3, 64, 8, 8), raw, 2e-3),
-        (
-            "raw [0, 255] tokens, Linear 192→64 on 8×8 patches",
-            lambda: nn.Linear(192, 64),
-            tokens,
+        *accuracy.CASES,
+        accuracy.Case(
+            f"[0, 255], 7x7/2 pad 3, {n32} photos (many chunks)",
+            accuracy.conv(7, 2, 3, out=64),
+            lambda x: x[:n32],
             2e-3,
         ),
-        ("smooth 128 px [0, 255], 7×7/2 pad 3", _conv(3, 64, 7, 2, 3), smooth, 1e-2),
-        ("smooth 128 px [0, 255], 16×16/16", _conv(3, 64, 16, 16), smooth, 1e-2),
-        ("over-exposed smooth [200, 255], 8×8/8", _conv(3, 64, 8, 8), over, 5e-2),
-        ("n < d: Linear 300→32 on 16 rows", lambda: nn.Linear(300, 32), rows, 1e-5),
-        ("n < d: Conv2d 7×7 on one 9×9 raw crop", _conv(3, 8, 7), raw[:1, :, :9, :9], 1e-5),
+        accuracy.Case(
+            f"smooth 128 px [0, 255], 7x7/2 pad 3, {n128} photos (many chunks)",
+            accuracy.conv(7, 2, 3, out=64),
+            lambda x: accuracy.smooth(x[:n128]),
+            1e-2,
+        ),
     ]
 
 
@@ -605,29 +575,26 @@ def part_correctness(ctx: Context) -> None:
 
         ctx.check(1, f"layer family: {name}, fp32", family, target="≤ 3e-5")
 
-    with needs("statistics_dtype"):
-        for name, make_layer, x, target in accuracy_cases(ctx):
+    photos = ctx.photos()[: max(256, *ctx.sizes.chunked_photos)].float()
+    for case in accuracy_cases(ctx):
 
-            def accuracy(make_layer=make_layer, x=x, target=target) -> Outcome:
-                errs = {}
-                for mode in ("fp32", "tf32"):
-                    with float32_precision(mode):
-                        errs[mode] = layer_error(make_layer, x)
-                worst = max(errs.values())
-                return Outcome(
-                    f"fp32 {_fmt(errs['fp32'])} · TF32 on {_fmt(errs['tf32'])}", worst <= target
-                )
+        def default(case=case) -> Outcome:
+            errs = {}
+            for mode in ("fp32", "tf32"):
+                with float32_precision(mode):
+                    errs[mode] = accuracy.case_error(case, photos)
+            measured = f"fp32 {_fmt(errs['fp32'])} · TF32 on {_fmt(errs['tf32'])}"
+            return Outcome(measured, max(errs.values()) <= case.target)
 
-            ctx.check(1, f"accuracy: {name}", accuracy, target=f"≤ {target:g}")
+        ctx.check(1, f"accuracy: {case.name}", default, target=f"≤ {case.target:g}")
 
-            def exact(make_layer=make_layer, x=x) -> Outcome:
-                with float32_precision("tf32"):
-                    err = layer_error(make_layer, x, statistics_dtype=torch.float64)
-                return Outcome(_fmt(err), err <= 1e-6)
+        def exact(case=case) -> Outcome:
+            with float32_precision("tf32"):
+                err = accuracy.case_error(case, photos, torch.float64)
+            return Outcome(_fmt(err), err <= 1e-6)
 
-            ctx.check(
-                1, f"accuracy, statistics_dtype=float64, TF32 on: {name}", exact, target="≤ 1e-6"
-            )
+        name = f"accuracy, statistics_dtype=float64, TF32 on: {case.name}"
+        ctx.check(1, name, exact, target="≤ 1e-6")
 
     for dtype, target in ((torch.bfloat16, 1e-2), (torch.float16, 1e-3)):
         for kind, make_layer, shape in (
@@ -946,14 +913,13 @@ def part_zoo(ctx: Context) -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
-    with needs("example_inputs"):
-        for entry in ZOO:
-            ctx.check(
-                2,
-                entry.label,
-                lambda entry=entry: zoo_check(ctx, entry),
-                target=f"{entry.expected}; ≤ 1e-4",
-            )
+    for entry in ZOO:
+        ctx.check(
+            2,
+            entry.label,
+            lambda entry=entry: zoo_check(ctx, entry),
+            target=f"{entry.expected}; ≤ 1e-4",
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,13 @@
 """The GPU check's dry run (benchmarks/gpu_check.py): every part runs and passes, at tiny sizes.
 
 The dry run is the same code as the GPU run at tiny sizes on the CPU, so a part that breaks here
-would break the one prepared GPU run. Allowed besides a pass: skips of what needs CUDA or a
-package that is absent (timm and torchvision do not import with the CPU torch), and, until
-``trainact.apply`` has the keyword a check needs (``statistics_dtype``, ``example_inputs``: API
-changes landing on main), that check failing.
+would break the one prepared GPU run. Allowed besides a pass: skips of what needs CUDA, of a
+package that is absent (timm and torchvision do not import with the CPU torch), and of the
+compiled cost of the big models, which the dry run leaves out.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -48,15 +46,6 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, dict, s
     return run.returncode, out.read_text(), data, run.stdout + run.stderr
 
 
-def _pending(check: dict) -> bool:
-    """A failure allowed until main's ``trainact.apply`` has the keyword the check needs: a
-    measured miss, or the keyword refused; any other error is a broken check."""
-    keyword = check["needs"]
-    if not keyword or keyword in inspect.signature(trainact.apply).parameters:
-        return False
-    return not check["note"] or f"unexpected keyword argument '{keyword}'" in check["note"]
-
-
 def test_every_part_runs_and_passes(dry_run: tuple[int, str, dict, str]) -> None:
     returncode, markdown, data, log = dry_run
     checks = data["checks"]
@@ -71,13 +60,9 @@ def test_every_part_runs_and_passes(dry_run: tuple[int, str, dict, str]) -> None
         if not (
             c["status"] == "pass"
             or (c["status"] == "skip" and c["skip_kind"] in ("cuda", "package", "dry-run"))
-            or (c["status"] == "fail" and _pending(c))
         )
     ]
     assert not unexpected, "\n".join(unexpected)
-    for c in checks:  # the zoo's gradient is checked, and matches, even where discovery is pending
-        if c["part"] == 2 and c["status"] != "skip":
-            assert float(c["measured"].rsplit("gradient ", 1)[1]) <= 1e-4, c
     failed = [c for c in checks if c["status"] == "fail"]
     assert returncode == (1 if failed else 0), log[-3000:]
 
