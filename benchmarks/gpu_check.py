@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -218,7 +218,7 @@ class Context:
     checks: list[Check] = field(default_factory=list)
     extra: dict[int, list[str]] = field(default_factory=dict)  # Markdown blocks per part
     keep: list[tuple[Path, str]] = field(default_factory=list)  # files to copy to $OUT
-    decoding: subprocess.Popen | None = None  # part 4's dataset, decoded in the background
+    decoding: tuple[subprocess.Popen, IO[str]] | None = None  # part 4's data, decoding
     _photos: Tensor | None = None
 
     def remaining(self) -> float:
@@ -315,6 +315,9 @@ def float32_precision(mode: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(saved[0])
         torch.backends.cudnn.allow_tf32 = saved[1]
         torch.backends.cudnn.deterministic = saved_det
+
+
+MODE_LABELS = {"fp32": "fp32", "tf32": "TF32 on"}
 
 
 def layer_error(
@@ -576,14 +579,15 @@ def part_correctness(ctx: Context) -> None:
         ctx.check(1, f"layer family: {name}, fp32", family, target="≤ 3e-5")
 
     photos = ctx.photos()[: max(256, *ctx.sizes.chunked_photos)].float()
+    modes = ("fp32", "tf32") if ctx.device.type == "cuda" else ("fp32",)  # no TF32 on a CPU
     for case in accuracy_cases(ctx):
 
         def default(case=case) -> Outcome:
             errs = {}
-            for mode in ("fp32", "tf32"):
+            for mode in modes:
                 with float32_precision(mode):
                     errs[mode] = accuracy.case_error(case, photos)
-            measured = f"fp32 {_fmt(errs['fp32'])} · TF32 on {_fmt(errs['tf32'])}"
+            measured = " · ".join(f"{MODE_LABELS[m]} {_fmt(e)}" for m, e in errs.items())
             return Outcome(measured, max(errs.values()) <= case.target)
 
         ctx.check(1, f"accuracy: {case.name}", default, target=f"≤ {case.target:g}")
@@ -1108,17 +1112,15 @@ def _trainact_cli(args: list[str], timeout: float) -> subprocess.CompletedProces
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
 
 
-def start_decoding(dataset: str) -> subprocess.Popen:
+def start_decoding(dataset: str) -> tuple[subprocess.Popen, IO[str]]:
     """Decode and cache part 4's dataset in a background CPU process while parts 1-3 run
     (decoding CIFAR-10's 60,000 JPEGs takes 15 s or more on one core)."""
-    code = "import sys; from trainact.experiments.data import load_dataset as l; l(sys.argv[1])"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, dataset],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    code = "import sys; from trainact.experiments import data; data.load_dataset(sys.argv[1])"
+    errors = tempfile.TemporaryFile("w+")  # read only at the end: a pipe could fill and block
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, dataset], env=_env(), stdout=errors, stderr=errors, text=True
     )
+    return child, errors
 
 
 def _records(path: Path) -> list[dict]:
@@ -1131,13 +1133,15 @@ def compare_check(ctx: Context, work: Path) -> Outcome:
     s = ctx.sizes
     dataset = ctx.args.dataset or "cifar10-subset"
     if ctx.decoding is not None:  # the cache must be complete before the runs read it
+        child, errors = ctx.decoding
         try:
-            _, err = ctx.decoding.communicate(timeout=max(ctx.remaining() - 30, 1))
+            child.wait(timeout=max(ctx.remaining() - 30, 1))
         except subprocess.TimeoutExpired:
-            ctx.decoding.kill()
+            child.kill()
             raise Skip("time", "decoding the dataset did not finish in time") from None
-        if ctx.decoding.returncode != 0:
-            raise RuntimeError(f"decoding the dataset failed: {err.strip()[-500:]}")
+        if child.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(f"decoding the dataset failed: {errors.read()[-500:]}")
     common = ["--preset", "resnet18-cifar10-sgd", "--dataset", dataset, "--no-progress"]
     common += ["--device", ctx.device.type]
     if ctx.device.type == "cuda":
