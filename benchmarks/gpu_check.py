@@ -1123,6 +1123,11 @@ def start_decoding(dataset: str) -> tuple[subprocess.Popen, IO[str]]:
     return child, errors
 
 
+def _last_line(text: str) -> str:
+    """The last line of a child's error output: the exception or the CLI's error message."""
+    return (text.strip().splitlines() or ["(no output)"])[-1][:500]
+
+
 def _records(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -1141,7 +1146,7 @@ def compare_check(ctx: Context, work: Path) -> Outcome:
             raise Skip("time", "decoding the dataset did not finish in time") from None
         if child.returncode != 0:
             errors.seek(0)
-            raise RuntimeError(f"decoding the dataset failed: {errors.read()[-500:]}")
+            raise RuntimeError(f"decoding the dataset failed: {_last_line(errors.read())}")
     common = ["--preset", "resnet18-cifar10-sgd", "--dataset", dataset, "--no-progress"]
     common += ["--device", ctx.device.type]
     if ctx.device.type == "cuda":
@@ -1157,7 +1162,7 @@ def compare_check(ctx: Context, work: Path) -> Outcome:
         timeout=max(ctx.remaining() - 5, 1),
     )
     if probe.returncode != 0:
-        raise RuntimeError(f"the timing run failed: {probe.stderr.strip()[-500:]}")
+        raise RuntimeError(f"the timing run failed: {_last_line(probe.stderr)}")
     epoch_s = _records(probe_dir / "results.jsonl")[0]["seconds"]
     setup_s = time.monotonic() - started - epoch_s  # process start, cached data, model
     budget = min(COMPARE_SECONDS, ctx.remaining() - setup_s - 10)
@@ -1169,7 +1174,7 @@ def compare_check(ctx: Context, work: Path) -> Outcome:
     shown = " ".join(["trainact", *cmd]).replace(str(work), "<tmp>")
     try:
         run = _trainact_cli(cmd, timeout=max(ctx.remaining() - 2, 1))
-        failure = "" if run.returncode == 0 else run.stderr.strip()[-500:]
+        failure = "" if run.returncode == 0 else _last_line(run.stderr)
     except subprocess.TimeoutExpired:
         failure = "stopped at the time limit"
     records = _records(out / "results.jsonl")
