@@ -99,7 +99,8 @@ PART_HOW = {
     3: "Forward, cross-entropy, backward and SGD (momentum 0.9) step of the model with and "
     "without TrAct (on its first layer, named with `layer=`), the two models' steps alternating "
     "in one process (benchmarks/overhead.py `alternate_steps`), each step timed between "
-    "`torch.cuda.synchronize()` calls; warm-up steps dropped, medians reported. 'halves' is the "
+    "`torch.cuda.synchronize()` calls; `torch.backends.cudnn.benchmark = True`, three warm-up "
+    "steps dropped, medians reported. 'halves' is the "
     "plain model's median over the first half of its steps over that of the second half, a "
     "measure of the noise. The stem rows run `benchmarks/overhead.py`'s stem worker in-process "
     "(Conv2d 3→64, 7×7/2, 224², forward + backward of the layer alone): median over rounds of "
@@ -988,9 +989,11 @@ def cost_check(ctx: Context, name: str, target: float, compiled: bool) -> Outcom
             opt.zero_grad(set_to_none=True)
 
         steps[method] = step
-    times = overhead.alternate_steps(
-        steps, ctx.sizes.cost_steps, ctx.device.type, warmup=3 if compiled else 2
-    )
+    saved, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+    try:  # three warm-up steps: compilation, cuDNN's algorithm search, allocator growth
+        times = overhead.alternate_steps(steps, ctx.sizes.cost_steps, ctx.device.type, warmup=3)
+    finally:
+        torch.backends.cudnn.benchmark = saved
     med = {m: statistics.median(t) for m, t in times.items()}
     half = len(times["plain"]) // 2
     halves = (
