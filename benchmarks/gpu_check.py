@@ -437,11 +437,12 @@ def step_error(
     amp: torch.dtype | None = None,
     forward: Callable[[Tensor], Tensor] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    plain: nn.Sequential | None = None,
 ) -> float:
     """One step of ``model`` (TrAct on ``model[0]``) against a plain copy's G preconditioned in
     float64; gradients stay on both models' parameters (the loss scaled by ``scaler``). NaN where
     the plain model's gradients are not finite."""
-    plain = trainact.remove(copy.deepcopy(model))
+    plain = plain if plain is not None else trainact.remove(copy.deepcopy(model))
     for m, f in ((plain, plain), (model, forward or model)):
         m.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -457,7 +458,8 @@ def step_error(
 def scaler_steps(ctx: Context, steps: int = 8, inject: int = 3) -> Outcome:
     """fp16 autocast + GradScaler (scale growing every step, so that fp16 overflows) over
     ``steps`` steps, an inf pixel injected at step ``inject``: every applied step's TrAct gradient
-    is exact, TrAct skips exactly the steps the plain model would, and a skip leaves the weight."""
+    is exact, TrAct skips exactly the steps the plain model would, a non-finite plain gradient
+    stays non-finite with TrAct, and a skip leaves the weight."""
     model = _tract_cnn(ctx)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler(ctx.device.type, init_scale=2.0**16, growth_interval=1)
@@ -466,8 +468,12 @@ def scaler_steps(ctx: Context, steps: int = 8, inject: int = 3) -> Outcome:
         x, y = _batch(ctx, 100 + step)
         if step == inject:
             x[0, 0, 0, 0] = math.inf
-        err = step_error(model, x, y, amp=torch.float16, scaler=scaler)
+        plain = trainact.remove(copy.deepcopy(model))
+        err = step_error(model, x, y, amp=torch.float16, scaler=scaler, plain=plain)
         plain_skips = math.isnan(err)
+        plain_first, tract_first = plain[0].weight.grad, model[0].weight.grad
+        if not plain_first.isfinite().all() and tract_first.isfinite().all():
+            problems.append(f"step {step}: TrAct made a non-finite gradient finite")
         scale = scaler.get_scale()
         before = model[0].weight.detach().clone()
         scaler.step(opt)
