@@ -10,7 +10,9 @@
 #        carry:   [".gpu"]
 #        timeout_s: 600   (the check budgets itself to 480 s, --budget)
 #    What comes back under $OUT: gpu_report.md, gpu_report.json, gpu_check.log,
-#    compare_results.jsonl, compare_accuracy.png.
+#    compare_results.jsonl, compare_accuracy.png. Arguments go to gpu_check.py: a rerun within
+#    the device time left can take a subset, e.g. `bash benchmarks/gpu_run.sh --parts 1 3`
+#    (parts 1-3 take about 4 minutes; part 4 alone about 3.5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
