@@ -10,6 +10,7 @@ from torch import nn
 import trainact
 
 transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 
 from trainact.huggingface import TrActTrainer  # noqa: E402
