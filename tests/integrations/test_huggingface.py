@@ -131,9 +131,7 @@ def test_checkpoint_resume_continues_identically(tmp_path):
         model=Classifier(), args=args, train_dataset=dataset(), tract_layer="net.0"
     )
     stopped.train()
-    saved = transformers.modeling_utils.load_state_dict(
-        str(out / "checkpoint-2" / "model.safetensors")
-    )
+    saved = load_file(out / "checkpoint-2" / "model.safetensors")
     assert saved.keys() == Classifier().state_dict().keys()  # the plain model's keys
 
     resumed = Classifier(seed=5)  # other initial weights: the checkpoint must restore them
