@@ -4,8 +4,9 @@
     >>> from trainact.lightning import TrActCallback
     >>> trainer = L.Trainer(callbacks=[TrActCallback(lam=0.1)], accumulate_grad_batches=4)
 
-Works with ``lightning.pytorch`` (the ``lightning`` package) or, when that is absent, the older
-``pytorch_lightning`` package; ``import trainact`` itself never imports either.
+Works with the Trainer of ``lightning.pytorch`` (the ``lightning`` package) and of the older
+``pytorch_lightning`` package (the callback subclasses the first one installed; Lightning calls
+callback hooks by name). ``import trainact`` itself never imports either.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class TrActCallback(pl.Callback):
                 "TrActCallback enables it itself: call trainact.remove(module) first"
             )
         accumulates = trainer.accumulate_grad_batches > 1 or any(
-            isinstance(cb, pl.callbacks.GradientAccumulationScheduler) for cb in trainer.callbacks
+            map(_schedules_accumulation, trainer.callbacks)
         )
         self._deferred = self.defer or accumulates
         self.layer_name = trainact.apply(
@@ -124,3 +125,9 @@ class TrActCallback(pl.Callback):
             layer: nn.Module = pl_module.get_submodule(self.layer_name)
             trainact.remove(layer)
             self.layer_name = None
+
+
+def _schedules_accumulation(callback: object) -> bool:
+    """A GradientAccumulationScheduler of either package (or a subclass): matched by name, as
+    ``lightning.pytorch`` and ``pytorch_lightning`` each define their own class."""
+    return any(c.__name__ == "GradientAccumulationScheduler" for c in type(callback).__mro__)

@@ -109,6 +109,36 @@ def test_accumulation_scheduler_uses_deferred_statistics():
     torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
 
 
+def test_pytorch_lightning_trainer_and_scheduler():
+    """The older package's Trainer and GradientAccumulationScheduler (classes of their own)."""
+    ptl = pytest.importorskip("pytorch_lightning")
+
+    class OldModule(ptl.LightningModule):
+        training_step, configure_optimizers = Module.training_step, Module.configure_optimizers
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net(0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    module = OldModule()
+    scheduler = ptl.callbacks.GradientAccumulationScheduler({0: 2, 1: 4})
+    ptl.Trainer(
+        accelerator="cpu",
+        precision="64-true",
+        max_epochs=2,
+        callbacks=[TrActCallback(0.1), scheduler],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, loader(N // 4))
+    expected, _ = ref([slice(0, N // 2), slice(N // 2, N), slice(None)])
+    torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
+
+
 def test_accumulation_switched_on_behind_its_back_raises():
     class Accumulate(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
