@@ -184,3 +184,32 @@ def test_ema_with_averaged_model(tmp_path):
     for weight in trajectory[1:]:
         average = decay * average + (1 - decay) * weight
     torch.testing.assert_close(stem(ema.average.module), average, rtol=1e-12, atol=1e-12)
+
+
+def test_vit_from_a_small_config(tmp_path):
+    """A real PreTrainedModel (its loss takes the Trainer's loss kwargs), float32: 4 micro-batches
+    train its patch embedding like one batch of 4x; without TrAct the weights differ."""
+    config = transformers.ViTConfig(
+        image_size=6,
+        patch_size=3,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+    )
+    x, y = make_data()
+    data = [{"pixel_values": xi.float() + 1, "labels": yi} for xi, yi in zip(x, y, strict=True)]
+    layer = "vit.embeddings.patch_embeddings.projection"
+
+    def train(trainer_class, accumulate: int, **kwargs) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = transformers.ViTForImageClassification(config)
+        args = arguments(tmp_path, 3, accumulate, learning_rate=0.05, optim="adamw_torch")
+        trainer_class(model=model, args=args, train_dataset=data, **kwargs).train()
+        return model.get_submodule(layer).weight.detach()
+
+    micro = train(TrActTrainer, 4, tract_layer=layer)
+    big = train(TrActTrainer, 1, tract_layer=layer)
+    torch.testing.assert_close(micro, big, rtol=1e-4, atol=1e-5)
+    assert (big - train(transformers.Trainer, 1)).abs().max() > 1e-2
