@@ -29,12 +29,12 @@ class Run:
     """The recipe: a model with TrAct (``defer=True``), prepared by an Accelerator that
     accumulates ``accumulate`` micro-batches of N/accumulate samples per optimizer step."""
 
-    def __init__(self, accumulate: int, seed: int = 0) -> None:
+    def __init__(self, accumulate: int, seed: int = 0, batch_size: int | None = None) -> None:
         self.accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
         net = make_net(seed)
         trainact.apply(net, defer=True)
         optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-        loader = DataLoader(TensorDataset(*make_data()), batch_size=N // accumulate)
+        loader = DataLoader(TensorDataset(*make_data()), batch_size=batch_size or N // accumulate)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(net, optimizer, loader)
 
     def epoch(self, clip: float | None = None, on_step=None) -> None:
@@ -75,6 +75,16 @@ def test_micro_batches_equal_one_big_batch_and_tract_comes_before_clipping(accum
         assert min_norm > 2 * clip  # clipping binds at every step
         wrong_order = ref(steps, clip=clip, order="clip_then_tract")[0][-1]
         assert (stem(run.model) - wrong_order).abs().max() > 1e-3
+
+
+def test_last_shorter_accumulation_of_an_epoch():
+    """Micro-batches of 4, accumulating 3: each epoch steps on samples 0-11, then on 12-15
+    alone (at the end of the data loader; accelerate still divides that loss by 3)."""
+    run = Run(3, batch_size=4)
+    for _ in range(2):
+        run.epoch()
+    expected, _ = ref([(slice(0, 12), 12), (slice(12, N), 12)] * 2)
+    torch.testing.assert_close(stem(run.model), expected[-1], rtol=1e-12, atol=1e-12)
 
 
 def test_save_state_and_load_state_continue_identically(tmp_path):

@@ -45,10 +45,12 @@ def arguments(out, epochs: int, accumulate: int = 1, **kwargs) -> transformers.T
         "max_grad_norm": 0.0,
         "save_strategy": "no",
     } | kwargs
+    options = {
+        "per_device_train_batch_size": N // accumulate,
+        "gradient_accumulation_steps": accumulate,
+    } | options
     return transformers.TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=N // accumulate,
-        gradient_accumulation_steps=accumulate,
         num_train_epochs=epochs,
         weight_decay=0.0,
         logging_strategy="no",
@@ -85,6 +87,21 @@ def test_micro_batches_equal_one_big_batch_and_tract_comes_before_clipping(
         assert min_norm > 2 * clip  # clipping binds at every step
         wrong_order = ref(steps, clip=clip, order="clip_then_tract")[0][-1]
         assert (stem(model) - wrong_order).abs().max() > 1e-3
+
+
+def test_last_shorter_accumulation_of_an_epoch(tmp_path):
+    """Micro-batches of 4, accumulating 3: each epoch steps on samples 0-11, then on 12-15."""
+    model = Classifier()
+    args = arguments(
+        tmp_path,
+        2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=3,
+        train_sampling_strategy="sequential",
+    )
+    TrActTrainer(model=model, args=args, train_dataset=dataset(), tract_layer="net.0").train()
+    expected, _ = ref([slice(0, 12), slice(12, N)] * 2)
+    torch.testing.assert_close(stem(model), expected[-1], rtol=1e-12, atol=1e-12)
 
 
 def test_default_optimizer_is_exact_with_accumulation(tmp_path):

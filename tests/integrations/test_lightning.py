@@ -109,6 +109,15 @@ def test_accumulation_scheduler_uses_deferred_statistics():
     torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
 
 
+def test_last_shorter_accumulation_of_an_epoch():
+    """Micro-batches of 4, accumulating 3: each epoch steps on samples 0-11, then on 12-15
+    alone (Lightning still divides that loss by 3)."""
+    module = Module()
+    fit(module, [TrActCallback(0.1)], 2, batch_size=4, accumulate_grad_batches=3)
+    expected, _ = ref([(slice(0, 12), 12), (slice(12, N), 12)] * 2)
+    torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
+
+
 def test_pytorch_lightning_trainer_and_scheduler():
     """The older package's Trainer and GradientAccumulationScheduler (classes of their own)."""
     ptl = pytest.importorskip("pytorch_lightning")

@@ -40,7 +40,7 @@ def reference(
     net: nn.Module,
     x: Tensor,
     y: Tensor,
-    steps: Sequence[slice],
+    steps: Sequence[slice | tuple[slice, int]],
     *,
     lr: float,
     momentum: float = 0.0,
@@ -50,6 +50,9 @@ def reference(
     """SGD on ``net[0]`` with one batch ``x[s]`` per step; returns the stem weight after each
     step and the smallest gradient norm seen before clipping.
 
+    A step ``(s, divisor)`` divides the summed loss by ``divisor`` instead of the batch size
+    (frameworks that divide by the accumulation factor even for a last, shorter accumulation).
+
     ``order``: "tract" (TrAct, then clipping: what the integrations must do), "plain" (no
     TrAct) or "clip_then_tract" (clipping before TrAct: the order they must avoid).
     """
@@ -57,9 +60,10 @@ def reference(
         trainact.apply(net, layer="0", defer=order == "clip_then_tract")
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     trajectory, min_norm = [], float("inf")
-    for s in steps:
+    for step in steps:
+        s, divisor = step if isinstance(step, tuple) else (step, len(y[step]))
         optimizer.zero_grad()
-        nn.functional.cross_entropy(net(x[s]), y[s]).backward()
+        (nn.functional.cross_entropy(net(x[s]), y[s], reduction="sum") / divisor).backward()
         norm = torch.nn.utils.get_total_norm([p.grad for p in net.parameters()])
         min_norm = min(min_norm, float(norm))
         if clip is not None:
