@@ -50,7 +50,8 @@ class TrActCallback(pl.Callback):
     With gradient accumulation (``accumulate_grad_batches > 1`` or a
     ``GradientAccumulationScheduler``) the layer always uses deferred statistics, summed over
     the micro-batches and applied once per optimizer step, so k micro-batches of B train
-    exactly like one batch of k·B; per-micro-batch preconditioning would not.
+    exactly like one batch of k·B; per-micro-batch preconditioning would not. Manual
+    optimization that accumulates by stepping every k batches needs ``defer=True``.
 
     Args:
         lam: λ > 0 (the paper's default 0.1).
