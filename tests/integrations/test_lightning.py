@@ -118,6 +118,25 @@ def test_last_shorter_accumulation_of_an_epoch():
     torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
 
 
+def test_manual_optimization_accumulating_with_defer():
+    class Manual(Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.manual_backward(nn.functional.cross_entropy(self(x), y) / 2)
+            if batch_idx % 2 == 1:
+                self.optimizers().step()
+                self.optimizers().zero_grad()
+
+    module = Manual()
+    fit(module, [TrActCallback(0.1, defer=True)], 3, batch_size=N // 2)
+    expected, _ = ref([slice(None)] * 3)
+    torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
+
+
 def test_pytorch_lightning_trainer_and_scheduler():
     """The older package's Trainer and GradientAccumulationScheduler (classes of their own)."""
     ptl = pytest.importorskip("pytorch_lightning")
