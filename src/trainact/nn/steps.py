@@ -55,13 +55,13 @@ def unwrap(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside wrappers (accelerate's ``AcceleratedOptimizer``,
     Lightning's ``LightningOptimizer``), which keep it as ``.optimizer`` or ``._optimizer``."""
     seen = optimizer
-    for _ in range(8):
-        if isinstance(optimizer, torch.optim.Optimizer):
-            return optimizer
+    for _ in range(8):  # wrappers may subclass Optimizer without being one: look inside first
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
         if inner is None:
             break
         optimizer = inner
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
     raise TypeError(
         f"{type(seen).__name__} is not a torch.optim.Optimizer and wraps none (as .optimizer "
         "or ._optimizer)"
