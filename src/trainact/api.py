@@ -145,6 +145,7 @@ def apply(
     statistics_dtype: torch.dtype | None = None,
     process_group: distributed.ProcessGroupArg = "auto",
     defer: bool = False,
+    example_inputs: Any = None,
 ) -> str:
     """Enable TrAct on one layer of ``model`` and return that layer's name.
 
@@ -161,21 +162,31 @@ def apply(
     Args:
         model: any module.
         lam: λ > 0.
-        layer: dotted name from ``model.named_modules()``; None finds the first layer (the
-            Conv/Linear the model's input reaches first, see
-            :func:`trainact.nn.discovery.find_first_layer`); '' is ``model`` itself.
+        layer: dotted name from ``model.named_modules()``; None finds the first layer: the
+            layer whose input derives from the model's input through no other layer with
+            weights (see :func:`trainact.nn.discovery.find_first_layer`); '' is ``model`` itself.
         statistics_dtype, process_group, defer: as for :func:`TrAct`.
+        example_inputs: with ``layer=None``, find the first layer by one forward run (eval
+            mode, ``no_grad``; the model's modes are restored) instead of tracing the model with
+            ``torch.fx``, for models fx cannot trace (most Hugging Face models): a tensor, a
+            tuple of positional arguments or a dict of keyword arguments, e.g.
+            ``{"pixel_values": images}``. Every tensor in it counts as input.
 
     Returns:
         The name of the layer TrAct was enabled on ('' when ``model`` is itself the layer).
 
     Raises:
-        ValueError: bad λ, no eligible layer, no single first layer, unknown ``layer`` name.
-        TypeError: the named layer is not supported.
+        ValueError: bad λ, no eligible layer, no single first layer, an unsupported first
+            layer (``nn.Embedding``, attention, a layer called functionally), a model fx cannot
+            trace without ``example_inputs``, unknown ``layer`` name, both ``layer`` and
+            ``example_inputs`` given.
+        TypeError: the named layer is not supported; ``example_inputs`` of another type.
         RuntimeError: TrAct is already enabled on that layer.
     """
     if layer is None:
-        layer = find_first_layer(model)
+        layer = find_first_layer(model, example_inputs)
+    elif example_inputs is not None:
+        raise ValueError("pass either layer= or example_inputs= (to find the layer), not both")
     modules = dict(model.named_modules())
     if layer not in modules:
         raise ValueError(f"{type(model).__name__} has no submodule named {layer!r}")

@@ -176,8 +176,9 @@ def patch_statistics(
     if n > 0:
         var, mean = adapter.moments(x)
         dtype = gemm_dtype(state, weight, x, var, n < adapter.dim)
-        shift = mean.to(dtype)
-        for chunk in adapter.chunks(x, dtype, shift):
+        mean = mean.to(dtype)  # the shift, exactly as the chunks subtract it
+        shift = adapter.expand(mean)
+        for chunk in adapter.chunks(x, dtype, mean):
             stats.add_chunk(chunk, shift)
     return stats
 
