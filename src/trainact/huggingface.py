@@ -37,8 +37,10 @@ class TrActMixin:
         tract_lam: λ > 0 (the paper's default 0.1).
         tract_layer: dotted name of the layer in the model (e.g.
             ``"vit.embeddings.patch_embeddings.projection"``); None finds the first layer
-            (:func:`trainact.apply`; most Hugging Face models cannot be traced by torch.fx,
-            so name it there).
+            (:func:`trainact.apply`).
+        tract_example_inputs: with ``tract_layer=None``, one input batch for finding the first
+            layer by a forward run, e.g. ``{"pixel_values": images}`` (on the model's device):
+            torch.fx cannot trace most Hugging Face models.
 
     TrAct is enabled with deferred statistics (``defer=True``): the micro-batches of a step
     (``gradient_accumulation_steps``) sum their XᵀX and n, and :func:`trainact.precondition_`
@@ -53,17 +55,24 @@ class TrActMixin:
     """
 
     def __init__(
-        self, *args: Any, tract_lam: float = 0.1, tract_layer: str | None = None, **kwargs: Any
+        self,
+        model: nn.Module | None = None,
+        *args: Any,
+        tract_lam: float = 0.1,
+        tract_layer: str | None = None,
+        tract_example_inputs: Any = None,
+        **kwargs: Any,
     ) -> None:
         self.tract_lam, self.tract_layer = tract_lam, tract_layer
-        super().__init__(*args, **kwargs)
+        self.tract_example_inputs = tract_example_inputs
+        if model is not None:  # before the Trainer moves it: still where the user built it
+            self._enable_tract(model)  # (with model_init, call_model_init enables TrAct)
+        super().__init__(model, *args, **kwargs)
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
                 "TrAct with DeepSpeed: DeepSpeed keeps gradients in its own buffers, out of "
                 "reach of trainact.precondition_"
             )
-        if self.model_init is None:  # with model_init, call_model_init has enabled it
-            self._enable_tract(self.model)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         return self._enable_tract(super().call_model_init(trial))
@@ -86,7 +95,13 @@ class TrActMixin:
                 f"TrAct is already enabled on {names} of {type(model).__name__}; the Trainer "
                 "enables it itself (tract_lam=, tract_layer=): call trainact.remove(model) first"
             )
-        trainact.apply(model, self.tract_lam, layer=self.tract_layer, defer=True)
+        trainact.apply(
+            model,
+            self.tract_lam,
+            layer=self.tract_layer,
+            defer=True,
+            example_inputs=self.tract_example_inputs,
+        )
         return model
 
 

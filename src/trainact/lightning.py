@@ -56,7 +56,10 @@ class TrActCallback(pl.Callback):
     Args:
         lam: λ > 0 (the paper's default 0.1).
         layer: dotted name within the LightningModule (e.g. ``"net.conv1"``); None finds the
-            first layer (:func:`trainact.apply`).
+            first layer (:func:`trainact.apply`): by one forward run on the module's
+            ``example_input_array`` when it has one (a tensor, a tuple of positional
+            arguments or a dict of keyword arguments, as Lightning defines it), else by
+            tracing its ``forward`` with torch.fx.
         defer: use deferred statistics even without gradient accumulation.
         process_group: as for :func:`trainact.apply`; the default sums statistics over all
             processes of a distributed run.
@@ -102,6 +105,7 @@ class TrActCallback(pl.Callback):
             layer=self.layer,
             process_group=self.process_group,
             defer=self._deferred,
+            example_inputs=pl_module.example_input_array if self.layer is None else None,
         )
         if accumulates and not self.defer:
             logger.info("TrAct statistics deferred to the optimizer step: gradients accumulate")

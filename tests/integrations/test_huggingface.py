@@ -172,6 +172,22 @@ def test_model_init_gets_tract(tmp_path):
     torch.testing.assert_close(stem(trainer.model), expected[-1], rtol=1e-12, atol=1e-12)
 
 
+def test_untraceable_model_without_a_layer_is_refused(tmp_path):
+    model = transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            image_size=6,
+            patch_size=3,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+        )
+    )
+    with pytest.raises(ValueError, match="example_inputs"):
+        TrActTrainer(model=model, args=arguments(tmp_path, 1), train_dataset=dataset())
+    assert not trainact.is_enabled(model)
+
+
 def test_already_enabled_model_is_refused(tmp_path):
     model = Classifier()
     trainact.apply(model, layer="net.0")
@@ -224,9 +240,14 @@ def test_vit_from_a_small_config(tmp_path):
         model = transformers.ViTForImageClassification(config)
         args = arguments(tmp_path, 3, accumulate, learning_rate=0.05, optim="adamw_torch")
         trainer_class(model=model, args=args, train_dataset=data, **kwargs).train()
+        if trainer_class is TrActTrainer:
+            assert [name for name, _ in trainact.enabled_layers(model)] == [layer]
         return model.get_submodule(layer).weight.detach()
 
-    micro = train(TrActTrainer, 4, tract_layer=layer)
+    # found from one batch (torch.fx cannot trace ViT), or named
+    micro = train(
+        TrActTrainer, 4, tract_example_inputs={"pixel_values": data[0]["pixel_values"][None]}
+    )
     big = train(TrActTrainer, 1, tract_layer=layer)
     torch.testing.assert_close(micro, big, rtol=1e-4, atol=1e-5)
     assert (big - train(transformers.Trainer, 1)).abs().max() > 1e-2

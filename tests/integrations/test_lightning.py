@@ -176,6 +176,32 @@ def test_accumulation_switched_on_behind_its_back_raises():
         fit(Module(), [TrActCallback(0.1), Accumulate()], 1, batch_size=N // 2)
 
 
+class Untraceable(Module):
+    """A forward torch.fx cannot trace (a branch on the input's values)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x if bool(x.abs().sum() > 0) else -x)
+
+
+def test_first_layer_found_from_example_input_array():
+    module = Untraceable()
+    module.example_input_array = make_data()[0][:2]
+    seen = LayerSeen()
+    fit(module, [TrActCallback(0.1), seen], 1)
+    assert seen.names == ["net.0"]
+    expected, _ = ref([slice(None)])
+    torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="example_inputs"):
+        fit(Untraceable(), [TrActCallback(0.1)], 1)
+
+
+class LayerSeen(pl.Callback):
+    """Records the layer TrAct is enabled on while training."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.names = [name for name, _ in trainact.enabled_layers(pl_module)]
+
+
 def test_already_enabled_module_is_refused():
     module = Module()
     trainact.apply(module, layer="net.0")
