@@ -39,8 +39,8 @@ class TrActMixin:
             ``"vit.embeddings.patch_embeddings.projection"``); None finds the first layer
             (:func:`trainact.apply`).
         tract_example_inputs: with ``tract_layer=None``, one input batch for finding the first
-            layer by a forward run, e.g. ``{"pixel_values": images}`` (on the model's device):
-            torch.fx cannot trace most Hugging Face models.
+            layer by a forward run, e.g. ``{"pixel_values": images}``, on the device the
+            model is on when passed in (torch.fx cannot trace most Hugging Face models).
 
     TrAct is enabled with deferred statistics (``defer=True``): the micro-batches of a step
     (``gradient_accumulation_steps``) sum their XᵀX and n, and :func:`trainact.precondition_`
