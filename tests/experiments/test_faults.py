@@ -108,12 +108,12 @@ def test_a_second_job_on_one_directory_is_refused_at_once(tmp_path: Path, capsys
 
 
 def test_repeated_seeds_and_budgets_are_refused(tmp_path: Path, capsys) -> None:
-    out = str(tmp_path / "o")
-    assert cli.main(["compare", "--seeds", "0", "1", "0", "--out", out]) == 1
+    out = ["--out", str(tmp_path / "o"), "--dataset", str(tmp_path / "none")]  # never reached
+    assert cli.main(["compare", "--seeds", "0", "1", "0", *out]) == 1
     assert "--seeds must list distinct values, got [0, 1, 0] (0 repeated)" in error_line(capsys)
-    assert cli.main(["sweep", "--budgets", "1", "1", "--out", out]) == 1
+    assert cli.main(["sweep", "--budgets", "1", "1", *out]) == 1
     assert "--budgets must list distinct values, got [1, 1]" in error_line(capsys)
-    assert not Path(out).exists()
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,14 +255,15 @@ def test_compare_names_the_field_that_differs(tiny: ImageDataset, tmp_path: Path
 def test_bad_knobs_are_refused_naming_option_and_value(
     command: str, args: list[str], message: str, tmp_path: Path, capsys
 ) -> None:
-    assert cli.main([command, *args, "--out", str(tmp_path / "o")]) == 1
+    never = ["--dataset", str(tmp_path / "none")]  # a refused knob never reaches the data
+    assert cli.main([command, *args, "--out", str(tmp_path / "o"), *never]) == 1
     assert message in error_line(capsys)
     assert not (tmp_path / "o").exists()
 
 
 def test_a_sweep_checks_every_budget_up_front(tmp_path: Path, capsys) -> None:
     argv = ["sweep", "--budgets", "4", "2", "--warmup-epochs", "3", "--out", str(tmp_path / "o")]
-    assert cli.main(argv) == 1
+    assert cli.main([*argv, "--dataset", str(tmp_path / "none")]) == 1
     assert "--warmup-epochs must be at least 0 and below --epochs (2), got 3.0" in error_line(
         capsys
     )
