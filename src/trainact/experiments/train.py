@@ -6,8 +6,9 @@
 Baseline and TrAct runs of one seed share the initialization, the data order and the
 augmentation (each drawn from its own generator seeded by the seed and the epoch), so they
 differ by TrAct alone. Every epoch appends a line to ``results.jsonl`` and then saves a
-checkpoint atomically; ``resume`` continues from the checkpoint and ends exactly where an
-uninterrupted run would.
+checkpoint atomically; ``resume`` checks the results against the checkpoint, continues from it
+and ends exactly where an uninterrupted run would. The run directory is claimed and locked for
+the run (:mod:`trainact.experiments.rundir`).
 """
 
 from __future__ import annotations
@@ -259,12 +260,19 @@ def _atomic_save(obj: object, path: Path) -> None:
         raise OSError(f"cannot write {path}: {str(err).splitlines()[0]}") from err
 
 
-def _restore(path: Path, device: torch.device, *parts: nn.Module | object) -> int:
+def _restore(
+    path: Path,
+    device: torch.device,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> int:
     """Load model, optimizer and scaler state from the checkpoint; the epochs it has finished."""
     try:
         state = torch.load(path, map_location=device, weights_only=False)
-        for part, key in zip(parts, ("model", "optimizer", "scaler"), strict=True):
-            part.load_state_dict(state[key])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         return int(state["epoch"])
     except Exception as err:  # a corrupt pickle raises nearly anything
         raise ValueError(
