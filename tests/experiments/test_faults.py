@@ -187,6 +187,10 @@ def test_corrupt_job_file_and_checkpoint_name_the_file(
     assert f"{job}, line " in error_line(capsys)
     assert cli.main(["compare", "--out", str(run), "--no-progress"]) == 1
     assert f"{job}, line " in error_line(capsys)
+    results = run / "results.jsonl"
+    results.write_text("{oops\n" + results.read_text())
+    assert cli.main(["plot", str(run)]) == 1
+    assert f"{results}, line 1: corrupt record" in error_line(capsys)
 
 
 # ---------------------------------------------------------------------------------------------
