@@ -12,6 +12,7 @@ from torch import nn
 from tract_reference import plain_and_tract, reference_tract_grad
 
 import trainact
+from trainact.maths import PatchStatistics
 from trainact.nn import adapters
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -158,17 +159,13 @@ def test_unbatched_conv_input():
 def test_bounded_chunks_are_exact(monkeypatch, layer, shape, dtype):
     """A tiny chunk budget forces batch chunks and splits within one sample; still exact."""
     seen: list[int] = []
-    original = trainact.nn.layer.gram_of_chunks
+    original = PatchStatistics.add_chunk
 
-    def recording(chunks, out):
-        def tap():
-            for c in chunks:
-                seen.append(c.numel() * out.dtype.itemsize)
-                yield c
+    def recording(self, centered, shift):
+        seen.append(centered.numel() * centered.element_size())
+        return original(self, centered, shift)
 
-        return original(tap(), out)
-
-    monkeypatch.setattr(trainact.nn.layer, "gram_of_chunks", recording)
+    monkeypatch.setattr(PatchStatistics, "add_chunk", recording)
     monkeypatch.setattr(adapters, "CHUNK_BYTES", 4 * 4 * 40)  # about 40 rows of d=4
     torch.manual_seed(0)
     dtype = dtype or torch.float64
@@ -232,19 +229,3 @@ def test_several_calls_each_use_their_own_input():
         p(x).square().sum().backward()
         expected = expected + reference_tract_grad(tract, x, p.weight.grad, 0.1)
     torch.testing.assert_close(tract.weight.grad, expected, rtol=1e-7, atol=1e-9)
-
-
-@pytest.mark.parametrize("batch,uses_patches", [(1, True), (30, False)])
-def test_n_below_d_solves_the_n_by_n_form(monkeypatch, batch, uses_patches):
-    """n = batch·9 against d = 2·5·5 = 50: the push-through form exactly when n < d."""
-    calls = []
-    original = trainact.nn.layer.precondition_with_patches
-    monkeypatch.setattr(
-        trainact.nn.layer,
-        "precondition_with_patches",
-        lambda *a: calls.append(a[1].shape) or original(*a),
-    )
-    torch.manual_seed(0)
-    layer = nn.Conv2d(2, 3, 5).double()
-    _check(layer, torch.randn(batch, 2, 7, 7, dtype=torch.float64), 0.1, 1e-7, 1e-9)
-    assert calls == ([(1, batch * 9, 50)] if uses_patches else [])

@@ -1,44 +1,15 @@
-"""Shared float64 references for the core tests: patches extracted by the layer's own forward."""
+"""Shared helpers for the core tests; the float64 references live in :mod:`trainact.testing`."""
 
 from __future__ import annotations
 
 import copy
-import math
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 import trainact
+from trainact.testing import reference_patches, reference_tract_grad, relative_error
 
-
-def reference_patches(layer: nn.Module, x: Tensor) -> Tensor:
-    """X as ``(groups, n, d)`` in float64, independent of trainact's patch code.
-
-    A Conv's patches are its output under an identity kernel (one output channel per patch
-    entry), computed by the layer's own forward, so padding mode, stride, dilation and groups
-    are exactly the layer's.
-    """
-    plain = trainact.remove(copy.deepcopy(layer)).double()
-    x = x.double()
-    if isinstance(plain, nn.Linear):
-        return x.reshape(1, -1, plain.in_features)
-    groups, per_group = plain.groups, plain.in_channels // plain.groups
-    d = per_group * math.prod(plain.kernel_size)
-    eye = torch.eye(d, dtype=torch.float64).reshape(d, per_group, *plain.kernel_size)
-    z = plain._conv_forward(x, eye.repeat(groups, *([1] * (eye.dim() - 1))), None)
-    if x.dim() == len(plain.kernel_size) + 1:  # unbatched
-        z = z.unsqueeze(0)
-    return z.movedim(1, -1).reshape(-1, groups, d).transpose(0, 1)
-
-
-def reference_tract_grad(layer: nn.Module, x: Tensor, plain_grad: Tensor, lam: float) -> Tensor:
-    """G·(XᵀX/n + λI)⁻¹ per group, in float64, from an explicit inverse."""
-    patches = reference_patches(layer, x)
-    groups, n, d = patches.shape
-    eye = torch.eye(d, dtype=torch.float64)
-    a = patches.mT @ patches / max(n, 1) + lam * eye
-    g = plain_grad.double().reshape(groups, -1, d)
-    return (g @ torch.linalg.inv(a)).reshape(plain_grad.shape)
+__all__ = ["plain_and_tract", "reference_patches", "reference_tract_grad", "relative_error"]
 
 
 def plain_and_tract(layer: nn.Module, lam: float = 0.1) -> tuple[nn.Module, nn.Module]:

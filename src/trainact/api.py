@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from trainact import distributed
-from trainact.maths import precondition_with_gram
+from trainact.nn import layer as tract_layer
+from trainact.nn import steps
+from trainact.nn.adapters import check_supported
 from trainact.nn.discovery import find_first_layer
-from trainact.nn.layer import TrActForward, statistics_dtype, unpack_gram
 
 __all__ = [
     "TrAct",
@@ -29,10 +30,7 @@ logger = logging.getLogger("trainact")
 
 M = TypeVar("M", bound=nn.Module)
 
-
-def _tract(module: nn.Module) -> TrActForward | None:
-    forward = module.__dict__.get("forward")
-    return forward if isinstance(forward, TrActForward) else None
+_STATISTICS_DTYPES = (None, torch.float32, torch.float64)
 
 
 def _validate_lam(lam: float) -> float:
@@ -47,29 +45,43 @@ def _enable(
     layer: M,
     name: str,
     lam: float,
+    statistics_dtype: torch.dtype | None,
     process_group: distributed.ProcessGroupArg,
     defer: bool,
 ) -> M:
     lam = _validate_lam(lam)
-    distributed.validate_process_group(process_group)
-    if _tract(layer) is not None:
-        raise RuntimeError(
-            f"TrAct is already enabled on {name or type(layer).__name__}; "
-            "call trainact.remove() first to change its settings"
+    if statistics_dtype not in _STATISTICS_DTYPES:
+        raise ValueError(
+            "statistics_dtype must be None, torch.float32 or torch.float64, "
+            f"got {statistics_dtype!r}"
         )
+    distributed.validate_process_group(process_group)
+    label = name or type(layer).__name__
+    if tract_layer.state_of(layer) is not None:
+        raise RuntimeError(
+            f"TrAct is already enabled on {label}; call trainact.remove() first to change its "
+            "settings"
+        )
+    check_supported(type(layer))
     if "forward" in layer.__dict__:
         raise RuntimeError(
-            f"{name or type(layer).__name__} already has its forward replaced by "
-            f"{layer.__dict__['forward']!r}; TrAct would discard it"
+            f"{label} already has its forward replaced by {layer.__dict__['forward']!r}; TrAct "
+            "would discard it"
         )
-    layer.forward = TrActForward(layer, lam, process_group, defer)
+    weight = tract_layer.weight_parameter(layer)  # never runs a parametrization
+    if weight.is_complex():
+        raise TypeError(f"TrAct supports real weights only; {label} has a {weight.dtype} weight")
+    if defer:
+        tract_layer.deferrable_weight(layer)
+    state = tract_layer.TrActState(lam, statistics_dtype, process_group, defer)
+    tract_layer.enable(layer, state)
     logger.info(
-        "TrAct enabled on %s (%s): lambda=%g, weight %s, statistics %s, world size %d%s",
+        "TrAct enabled on %s (%s): lambda=%g, weight %s, statistics: %s; world size %d%s",
         name or "<model>",
         type(layer).__name__,
         lam,
-        layer.weight.dtype,
-        statistics_dtype(layer.weight),
+        weight.dtype,
+        state.describe_statistics(weight),
         distributed.world_size(process_group),
         ", deferred" if defer else "",
     )
@@ -80,6 +92,7 @@ def TrAct(  # noqa: N802  (the reference implementation's name, kept as a drop-i
     layer: M,
     l: float = 0.1,  # noqa: E741
     *,
+    statistics_dtype: torch.dtype | None = None,
     process_group: distributed.ProcessGroupArg = "auto",
     defer: bool = False,
 ) -> M:
@@ -94,6 +107,11 @@ def TrAct(  # noqa: N802  (the reference implementation's name, kept as a drop-i
     Args:
         layer: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (any options).
         l: λ > 0, the regularization of Lemma 1 (the paper's default 0.1).
+        statistics_dtype: the dtype of the XᵀX product. None (default): float32 (float64 for
+            float64 layers), on patches centered on the input's channel means and assembled
+            and solved in float64, which keeps raw-pixel inputs accurate (see the README's
+            accuracy table); ``torch.float64``: the product in float64 too, exact at any scale
+            for about 1.5 to 2× the product's cost.
         process_group: whose statistics a step uses, decided at every training forward:
             "auto" (XᵀX and n summed over the default group whenever torch.distributed is
             initialized with world size > 1 at that time, else this process's), None (this
@@ -105,15 +123,18 @@ def TrAct(  # noqa: N802  (the reference implementation's name, kept as a drop-i
         defer: keep the weight gradient plain during backward and sum the statistics over
             backward passes, with no collective; :func:`precondition_` then sums them over
             the group (as ``process_group`` says) and applies TrAct once (for gradient
-            accumulation). A training forward after the weight changed while sums were
-            pending raises RuntimeError: a step ran without :func:`precondition_`.
+            accumulation). An optimizer step that would use the gradient while sums are
+            pending raises RuntimeError before changing any weight (any ``torch.optim``
+            optimizer, fused ones included). Needs ``layer.weight`` to be a Parameter (not a
+            parametrization, weight_norm or spectral_norm).
 
     Raises:
-        TypeError: ``layer`` is not a supported layer.
-        ValueError: λ is not a positive finite number; bad ``process_group``.
-        RuntimeError: TrAct is already enabled on ``layer`` (it is never applied twice).
+        TypeError: ``layer`` is not a supported layer, or its weight is complex.
+        ValueError: bad λ, ``statistics_dtype`` or ``process_group``.
+        RuntimeError: TrAct is already enabled on ``layer`` (it is never applied twice);
+            ``defer=True`` on a computed weight.
     """
-    return _enable(layer, "", l, process_group, defer)
+    return _enable(layer, "", l, statistics_dtype, process_group, defer)
 
 
 def apply(
@@ -121,8 +142,10 @@ def apply(
     lam: float = 0.1,
     *,
     layer: str | None = None,
+    statistics_dtype: torch.dtype | None = None,
     process_group: distributed.ProcessGroupArg = "auto",
     defer: bool = False,
+    example_inputs: Any = None,
 ) -> str:
     """Enable TrAct on one layer of ``model`` and return that layer's name.
 
@@ -139,25 +162,35 @@ def apply(
     Args:
         model: any module.
         lam: λ > 0.
-        layer: dotted name from ``model.named_modules()``; None finds the first layer (the
-            Conv/Linear the model's input reaches first, see
-            :func:`trainact.nn.discovery.find_first_layer`); '' is ``model`` itself.
-        process_group, defer: as for :func:`TrAct`.
+        layer: dotted name from ``model.named_modules()``; None finds the first layer: the
+            layer whose input derives from the model's input through no other layer with
+            weights (see :func:`trainact.nn.discovery.find_first_layer`); '' is ``model`` itself.
+        statistics_dtype, process_group, defer: as for :func:`TrAct`.
+        example_inputs: with ``layer=None``, find the first layer by one forward run (eval
+            mode, ``no_grad``; the model's modes are restored) instead of tracing the model with
+            ``torch.fx``, for models fx cannot trace (most Hugging Face models): a tensor, a
+            tuple of positional arguments or a dict of keyword arguments, e.g.
+            ``{"pixel_values": images}``. Every tensor in it counts as input.
 
     Returns:
         The name of the layer TrAct was enabled on ('' when ``model`` is itself the layer).
 
     Raises:
-        ValueError: bad λ, no eligible layer, no single first layer, unknown ``layer`` name.
-        TypeError: the named layer is not supported.
+        ValueError: bad λ, no eligible layer, no single first layer, an unsupported first
+            layer (``nn.Embedding``, attention, a layer called functionally), a model fx cannot
+            trace without ``example_inputs``, unknown ``layer`` name, both ``layer`` and
+            ``example_inputs`` given.
+        TypeError: the named layer is not supported; ``example_inputs`` of another type.
         RuntimeError: TrAct is already enabled on that layer.
     """
     if layer is None:
-        layer = find_first_layer(model)
+        layer = find_first_layer(model, example_inputs)
+    elif example_inputs is not None:
+        raise ValueError("pass either layer= or example_inputs= (to find the layer), not both")
     modules = dict(model.named_modules())
     if layer not in modules:
         raise ValueError(f"{type(model).__name__} has no submodule named {layer!r}")
-    _enable(modules[layer], layer, lam, process_group, defer)
+    _enable(modules[layer], layer, lam, statistics_dtype, process_group, defer)
     return layer
 
 
@@ -168,7 +201,7 @@ def remove(model: M) -> M:
     deferred statistics are dropped.
     """
     for _, module in enabled_layers(model):
-        del module.forward
+        tract_layer.disable(module)
     return model
 
 
@@ -179,7 +212,7 @@ def is_enabled(module: nn.Module) -> bool:
 
 def enabled_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) for every layer of ``model`` with TrAct enabled."""
-    return [(n, m) for n, m in model.named_modules() if _tract(m) is not None]
+    return [(n, m) for n, m in model.named_modules() if tract_layer.state_of(m) is not None]
 
 
 def precondition_(model: nn.Module) -> int:
@@ -199,50 +232,39 @@ def precondition_(model: nn.Module) -> int:
     Raises:
         NotImplementedError: a sharded (FSDP2) gradient of a grouped convolution.
     """
-    done = 0
-    for _, layer in enabled_layers(model):
-        state = _tract(layer)
-        if not state.defer or state.pending is None:
-            continue
-        stats, state.pending, state.pending_version = state.pending, None, None
-        distributed.all_reduce(stats, distributed.resolve(state.process_group))
-        grad = layer.weight.grad
-        if grad is None:
-            continue
-        groups, dim = state.adapter.groups, state.adapter.dim
-        shard = distributed.local(grad)
-        if shard.shape != grad.shape and groups > 1:
-            raise NotImplementedError("sharded gradients of grouped convolutions")
-        # TrAct acts on each output row alone, so a row-sharded gradient is preconditioned
-        # shard by shard with the same statistics.
-        gram, count = unpack_gram(stats, groups, dim)
-        new = precondition_with_gram(shard.reshape(groups, -1, dim), gram, count, state.lam)
-        with torch.no_grad():
-            shard.copy_(new.reshape(shard.shape))
-        done += 1
-    return done
+    return sum(
+        tract_layer.state_of(layer).precondition_pending(layer)
+        for _, layer in enabled_layers(model)
+    )
 
 
-def precondition_on_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
-    """Call :func:`precondition_` automatically before every ``optimizer.step()``.
+def precondition_on_step(optimizer: Any, model: nn.Module) -> RemovableHandle:
+    """Call :func:`precondition_` automatically inside every ``optimizer.step()``.
 
-    Registers an optimizer step pre-hook and returns its removable handle. It runs inside
-    ``optimizer.step()``: after ``GradScaler.unscale_`` (which ``scaler.step`` calls first),
-    but after any gradient clipping you did yourself, so clip only if you call
-    :func:`precondition_` by hand instead. A step that ``GradScaler`` skips (inf/NaN) never
-    calls ``optimizer.step()``, so the hook does not run and that step's statistics stay in
-    the next step's sums: with a GradScaler, call :func:`precondition_` by hand after
+    It runs before the update, and after the closure's backward when ``step(closure)`` is used
+    (LBFGS, Lightning's automatic optimization). ``optimizer`` may be a wrapper that keeps the
+    ``torch.optim.Optimizer`` as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, what the
+    Hugging Face Trainer hands callbacks). It runs after ``GradScaler.unscale_`` (which
+    ``scaler.step`` calls first) but also after any gradient clipping you did yourself, so clip
+    only if you call :func:`precondition_` by hand instead. A step that ``GradScaler`` skips
+    (inf/NaN) never calls ``optimizer.step()``, so that step's statistics stay in the next
+    step's sums: with a GradScaler, call :func:`precondition_` by hand after
     ``scaler.unscale_(optimizer)``, which runs whether or not the step is skipped.
+
+    Returns:
+        A handle whose ``remove()`` stops it.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer and wraps none.
     """
-    hook: Callable[..., None] = _StepPreHook(model)
-    return optimizer.register_step_pre_hook(hook)
+    return steps.on_step(optimizer, _PreconditionModel(model))
 
 
-class _StepPreHook:
-    """Picklable step pre-hook that finishes deferred TrAct steps."""
+class _PreconditionModel:
+    """Picklable callable that finishes a model's deferred TrAct steps."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        precondition_(self.model)
+    def __call__(self) -> int:
+        return precondition_(self.model)

@@ -87,3 +87,17 @@ def test_world_size_one_issues_no_collective(
     assert not all_reduce_calls
     if defer:
         assert scenarios.max_diff(model, big_batch()) < scenarios.EXACT
+
+
+def test_explicit_process_group_survives_deepcopy_and_refuses_pickle(world_of_one: None) -> None:
+    """An EMA copy shares the group; pickling says why it cannot (a group belongs to a process)."""
+    import copy
+    import pickle
+
+    group = dist.new_group([0])
+    layer = trainact.TrAct(torch.nn.Conv2d(3, 4, 3), process_group=group)
+    ema = copy.deepcopy(layer)
+    assert ema.trainact_state.process_group is group
+    ema(torch.randn(2, 3, 5, 5)).sum().backward()
+    with pytest.raises(TypeError, match="process_group"):
+        pickle.dumps(layer)

@@ -52,14 +52,23 @@ class LinearAdapter:
     def num_patches(self, input: Tensor) -> int:
         return input.numel() // self.dim if input.dim() > 0 else 0
 
-    def chunks(self, input: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
+    def moments(self, input: Tensor) -> tuple[Tensor, Tensor]:
+        """Variance and mean of each input feature, ``(d,)`` float32 each (input non-empty),
+        estimated from at most ~4096 evenly spaced rows: the input is the whole patch matrix,
+        and these only pick the centering shift and the GEMM dtype."""
         rows = input.reshape(-1, self.dim)
-        if rows.dtype == dtype and rows.shape[0] > 0:
-            yield rows.mT.unsqueeze(0)  # already the right dtype: a view, no copy at all
-            return
+        return _var_mean(rows[:: max(1, rows.shape[0] // 4096)], [0])
+
+    def expand(self, per_feature: Tensor) -> Tensor:
+        """A per-feature vector as the ``(groups, d)`` value of each patch entry."""
+        return per_feature.unsqueeze(0)
+
+    def chunks(self, input: Tensor, dtype: torch.dtype, mean: Tensor) -> Iterator[Tensor]:
+        """``(1, d, cols)`` chunks of the rows minus ``mean``, in ``dtype``."""
+        rows = input.reshape(-1, self.dim)
         step = max(1, chunk_bytes(rows.device) // (self.dim * dtype.itemsize))
         for start in range(0, rows.shape[0], step):
-            yield rows[start : start + step].mT.unsqueeze(0)
+            yield (rows[start : start + step].to(dtype) - mean).mT.unsqueeze(0)
 
 
 class ConvAdapter:
@@ -100,10 +109,26 @@ class ConvAdapter:
         batch = input.shape[0] if input.dim() == self.spatial + 2 else 1
         return batch * math.prod(self._output_size(input))
 
-    def chunks(self, input: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
+    def moments(self, input: Tensor) -> tuple[Tensor, Tensor]:
+        """Variance and mean of each input channel, ``(C,)`` float32 each (input non-empty)."""
+        if input.dim() == self.spatial + 1:
+            input = input.unsqueeze(0)
+        return _var_mean(input, [0, *range(2, input.dim())])
+
+    def expand(self, per_channel: Tensor) -> Tensor:
+        """A per-channel vector as the ``(groups, d)`` value of each patch entry."""
+        kernel = math.prod(self.layer.kernel_size)
+        per_entry = per_channel.view(self.groups, -1, 1).expand(-1, -1, kernel)
+        return per_entry.reshape(self.groups, -1)
+
+    def chunks(self, input: Tensor, dtype: torch.dtype, mean: Tensor) -> Iterator[Tensor]:
+        """``(groups, d, cols)`` chunks of the patches of the (padded) input minus its channel
+        ``mean``, in ``dtype``. Padding comes first, so a zero pad becomes −mean like any zero
+        entry: every patch entry is shifted by the same constant."""
         layer, n_sp = self.layer, self.spatial
         if input.dim() == n_sp + 1:  # unbatched input, as the conv layers accept
             input = input.unsqueeze(0)
+        mean = mean.view(1, -1, *([1] * n_sp))
         per_sample = math.prod(self._output_size(input))
         if per_sample <= 0:
             return
@@ -115,6 +140,7 @@ class ConvAdapter:
             x = input[start : start + batch_step]
             if any(pads):
                 x = F.pad(x, pads, mode=mode)
+            x = x.to(dtype) - mean  # an input-sized pass: the patches are copied once, below
             # (b, C, *S) -> (b, g, C/g, *S) -> unfold each spatial dim: (b, g, C/g, *out, *span)
             v = x.unflatten(1, (self.groups, -1))
             for i in range(n_sp):
@@ -133,35 +159,46 @@ class ConvAdapter:
             first_out = 3 + n_sp
             row_step = max(1, rows_budget // (per_sample // v.shape[first_out]))
             for r in range(0, v.shape[first_out], row_step):
-                yield v.narrow(first_out, r, min(row_step, v.shape[first_out] - r)).reshape(
-                    self.groups, self.dim, -1
-                )
+                part = v.narrow(first_out, r, min(row_step, v.shape[first_out] - r))
+                yield part.reshape(self.groups, self.dim, -1)
+
+
+def _var_mean(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
+    """Population variance and mean over ``dims`` in at least float32, from Σx and ‖x‖² (one
+    fast pass each; ``torch.var_mean`` over a channel's strided elements measured 8× slower)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    total = x.sum(dims, dtype=dtype)
+    count = max(x.numel() // max(total.numel(), 1), 1)
+    mean = total / count
+    square = torch.linalg.vector_norm(x, dim=dims, dtype=dtype).square() / count
+    return (square - mean.square()).clamp_min(0), mean
 
 
 Adapter = LinearAdapter | ConvAdapter
 
 
-def adapter_for(layer: nn.Module) -> Adapter:
-    """The adapter for a supported layer; TypeError naming the class otherwise.
+def check_supported(cls: type[nn.Module]) -> None:
+    """TypeError naming ``cls`` unless it is a supported layer class.
 
     Subclasses are accepted only when they keep the parent's forward, since TrAct re-runs that
     forward with its own weight tensor; a subclass with its own forward (weight standardization,
     say) would silently change meaning.
     """
-    for base, make in (
-        (nn.Linear, LinearAdapter),
-        (nn.Conv1d, ConvAdapter),
-        (nn.Conv2d, ConvAdapter),
-        (nn.Conv3d, ConvAdapter),
-    ):
-        if isinstance(layer, base) and type(layer).forward is base.forward:
-            if isinstance(layer, nn.modules.conv._ConvNd) and (
-                type(layer)._conv_forward is not base._conv_forward
+    for base in SUPPORTED_TYPES:
+        if issubclass(cls, base) and cls.forward is base.forward:
+            if (
+                issubclass(cls, nn.modules.conv._ConvNd)
+                and cls._conv_forward is not base._conv_forward
             ):
                 break
-            return make(layer)
+            return
     names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_TYPES)
     raise TypeError(
-        f"TrAct does not support {type(layer).__module__}.{type(layer).__qualname__}; "
+        f"TrAct does not support {cls.__module__}.{cls.__qualname__}; "
         f"supported layers are {names} (subclasses only when they keep the parent's forward)"
     )
+
+
+def adapter_for(layer: nn.Module) -> Adapter:
+    """The adapter of a layer that :func:`check_supported` accepted."""
+    return LinearAdapter(layer) if isinstance(layer, nn.Linear) else ConvAdapter(layer)

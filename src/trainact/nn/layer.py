@@ -1,152 +1,297 @@
-"""TrAct inside a layer's forward: an identity on the weight whose backward preconditions.
+"""TrAct inside a layer: its per-layer state, its forward, and the autograd function on the weight.
 
-The layer's own kernels still compute the forward, the input and bias gradients and the plain
-weight gradient G; :class:`PreconditionWeight` sits between the parameter and the layer, so
-autograd hands it exactly the G of this call and pairs it with this call's input statistics
-(several calls per step, checkpoint recomputation and torch.compile all keep that pairing).
+Enabling TrAct swaps the layer's class for a generated subclass (``TrActConv2d`` for a
+``Conv2d``, as ``torch.nn.utils.parametrize`` does) whose ``forward`` routes the weight through
+:class:`PreconditionWeight`, and keeps a :class:`TrActState` on the layer. The layer's own
+kernels still compute the forward, the input and bias gradients and the plain weight gradient G;
+the identity function between the parameter and the layer hands its backward exactly the G of
+this call with this call's statistics (several calls per step, checkpoint recomputation and
+torch.compile keep that pairing). The state holds no reference to the layer (no cycle: ``del
+model`` frees it at once) and nothing in ``state_dict()``.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from trainact import distributed
-from trainact.maths import (
-    gram_of_chunks,
-    patch_matrix,
-    precondition_with_gram,
-    precondition_with_patches,
-)
+from trainact.maths import PatchStatistics
+from trainact.nn import steps
 from trainact.nn.adapters import Adapter, adapter_for
 
+logger = logging.getLogger("trainact")
 
-def statistics_dtype(weight: Tensor) -> torch.dtype:
-    """At least float32; float64 layers keep float64."""
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+#: The attribute of an enabled layer that holds its :class:`TrActState`.
+STATE = "trainact_state"
 
 
-def unpack_gram(stats: Tensor, groups: int, dim: int) -> tuple[Tensor, Tensor]:
-    """Packed statistics ``[XᵀX (groups·d·d), n]`` as (XᵀX, n): one tensor, one all-reduce."""
-    return stats[:-1].view(groups, dim, dim), stats[-1]
+class TrActState:
+    """One layer's TrAct settings and its deferred statistics (``defer=True``)."""
+
+    def __init__(
+        self,
+        lam: float,
+        statistics_dtype: torch.dtype | None,
+        process_group: distributed.ProcessGroupArg,
+        defer: bool,
+    ) -> None:
+        self.lam = lam
+        self.statistics_dtype = statistics_dtype
+        self.process_group = process_group
+        self.defer = defer
+        self.pending: PatchStatistics | None = None  # summed over backward passes (defer)
+
+    def describe_statistics(self, weight: Tensor) -> str:
+        """The statistics this layer uses, in words (for the log line)."""
+        if self.statistics_dtype is not None or weight.dtype == torch.float64:
+            dtype = self.statistics_dtype or torch.float64
+            return f"{str(dtype).removeprefix('torch.')} GEMM, solved in float64"
+        return (
+            "float32 GEMM of centered patches where the input's variance/lambda <= "
+            f"{FLOAT32_MAX_RATIO:g} on the CPU, float64 otherwise; solved in float64"
+        )
+
+    def accumulate(self, stats: PatchStatistics, layer: nn.Module) -> None:
+        """Add one backward pass's statistics to the deferred sum (``defer=True``)."""
+        self.pending = stats.clone() if self.pending is None else self.pending.merge_(stats)
+        steps.mark_pending(layer)
+
+    def precondition_pending(self, layer: nn.Module) -> bool:
+        """Replace ``weight.grad`` by G·(XᵀX/n + λI)⁻¹ with the deferred sums (summed over the
+        process group), then reset them. False when nothing was pending."""
+        if self.pending is None:
+            return False
+        stats, self.pending = self.pending, None
+        steps.unmark_pending(layer)
+        distributed.all_reduce(stats.data, distributed.resolve(self.process_group))
+        weight = deferrable_weight(layer)
+        if weight.grad is None:
+            raise RuntimeError(
+                f"TrAct (defer=True) on {type(layer).__name__}: statistics are pending but the "
+                "weight has no gradient (was zero_grad() called between backward and "
+                "trainact.precondition_?)"
+            )
+        shard = distributed.local(weight.grad)
+        if shard.shape != weight.grad.shape and stats.groups > 1:
+            raise NotImplementedError("sharded gradients of grouped convolutions")
+        with torch.no_grad():
+            shard.copy_(stats.precondition(shard, self.lam))
+        return True
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TrActState:
+        """Copies (an EMA model, say) share the settings, the process group included, and
+        start with no pending statistics: those belong to the original's gradient."""
+        new = TrActState.__new__(TrActState)
+        new.__dict__.update(self.__dict__, pending=None)
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.process_group not in (None, "auto"):
+            raise TypeError(
+                "cannot pickle a layer with TrAct enabled for an explicit process_group (a "
+                "ProcessGroup belongs to one process): save model.state_dict(), or enable TrAct "
+                'with process_group="auto"'
+            )
+        return {**self.__dict__, "pending": None}
+
+    def __repr__(self) -> str:
+        return f"TrActState(lam={self.lam}, defer={self.defer})"
+
+
+def deferrable_weight(layer: nn.Module) -> nn.Parameter:
+    """The weight Parameter whose ``.grad`` deferred TrAct rewrites; a clear error where the
+    weight is computed (parametrize, weight_norm, spectral_norm): its ``.grad`` never exists."""
+    weight = layer._parameters.get("weight")
+    if weight is None:
+        raise RuntimeError(
+            f"TrAct with defer=True needs {type(layer).__name__}.weight to be a Parameter, but "
+            "it is computed (torch.nn.utils.parametrize, weight_norm or spectral_norm), so it "
+            "has no .grad to precondition: use defer=False (the default)"
+        )
+    return weight
+
+
+def weight_parameter(layer: nn.Module) -> Tensor:
+    """The layer's weight Parameter (its original under parametrize, weight_norm or
+    spectral_norm), read without running a parametrization (spectral_norm's power iteration
+    would change the model)."""
+    for source in (
+        lambda: layer._parameters["weight"],
+        lambda: next(layer.parametrizations.weight.parameters()),  # original, or original0/1
+        lambda: layer._parameters["weight_orig"],
+        lambda: layer._parameters["weight_v"],
+    ):
+        try:
+            weight = source()
+        except (AttributeError, KeyError, StopIteration):
+            continue
+        if weight is not None:
+            return weight
+    raise TypeError(f"{type(layer).__name__} has no weight parameter")
 
 
 class PreconditionWeight(torch.autograd.Function):
     """Identity on the weight in forward; in backward, G becomes G·(XᵀX/n + λI)⁻¹ per group.
 
-    ``stats`` is either the packed Gram statistics or, where n < d, the patch matrix itself.
-    With ``owner.defer`` the statistics are handed to ``owner`` and G passes through unchanged.
+    With ``state.defer`` the statistics are added to the layer's deferred sums instead and G
+    passes through unchanged.
     """
 
     @staticmethod
-    def forward(ctx, weight, stats, owner, work, use_patches):  # noqa: D102
+    def forward(ctx, weight, stats, state, layer, work):  # noqa: D102
         # Kept on ctx, not saved: non-reentrant checkpointing would otherwise hand backward the
         # recomputed statistics, whose all-reduce is not the ``work`` waited on below.
-        ctx.stats, ctx.owner, ctx.work, ctx.use_patches = stats, owner, work, use_patches
+        ctx.stats, ctx.state, ctx.layer, ctx.work = stats, state, layer, work
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        stats, owner = ctx.stats, ctx.owner
+        stats, state = ctx.stats, ctx.state
         if ctx.work is not None:
             ctx.work.wait()  # the all-reduce started in forward, overlapped with the step
-        if owner.defer:
-            owner.accumulate(stats)
+        if state.defer:
+            state.accumulate(stats, ctx.layer)
             return grad, None, None, None, None
-        groups, dim = owner.adapter.groups, owner.adapter.dim
-        grouped = grad.reshape(groups, -1, dim)
-        if ctx.use_patches:
-            out = precondition_with_patches(grouped, stats, owner.lam)
-        else:
-            gram, count = unpack_gram(stats, groups, dim)
-            out = precondition_with_gram(grouped, gram, count, owner.lam)
-        return out.reshape(grad.shape), None, None, None, None
+        return stats.precondition(grad, state.lam), None, None, None, None
 
 
-class TrActForward:
-    """A layer's forward with TrAct, kept on the layer as its ``forward`` attribute.
+#: Largest input variance / λ for which the default statistics run their GEMM in float32.
+#: Float32 sums lose about 1e-7 of the patches' variance, and the solve amplifies that by up
+#: to variance/λ (raw [0, 255] pixels: 3e4, errors of 1e-3 to 1e-1; standardized: 10, ≈ 3e-6;
+#: measured by benchmarks/accuracy.py): beyond this ratio the GEMM runs in float64.
+FLOAT32_MAX_RATIO = 30.0
 
-    A plain callable object (not a closure) so that ``copy.deepcopy``, pickling and
-    ``torch.save(model)`` carry it along; deleting the attribute restores the class's forward.
-    It holds no tensors in the module's state: ``state_dict()`` is unchanged, and DDP, which
-    broadcasts buffers, never overwrites deferred statistics.
+
+def patch_statistics(
+    adapter: Adapter, x: Tensor, state: TrActState, weight: Tensor
+) -> PatchStatistics:
+    """The statistics of one input, its patches streamed in bounded chunks centered on the
+    input's means, in the GEMM dtype :func:`gemm_dtype` picks."""
+    stats = PatchStatistics.zeros(adapter.groups, adapter.dim, x.device)
+    n = adapter.num_patches(x)
+    if n > 0:
+        var, mean = adapter.moments(x)
+        dtype = gemm_dtype(state, weight, x, var, n < adapter.dim)
+        mean = mean.to(dtype)  # the shift, exactly as the chunks subtract it
+        shift = adapter.expand(mean)
+        for chunk in adapter.chunks(x, dtype, mean):
+            stats.add_chunk(chunk, shift)
+    return stats
+
+
+def gemm_dtype(
+    state: TrActState, weight: Tensor, x: Tensor, var: Tensor, few_patches: bool
+) -> torch.dtype:
+    """The XᵀX GEMM's dtype: as asked, else float64 for float64 layers, for n < d (then the
+    GEMM costs less than the d×d solve), on accelerators (no host synchronization to decide;
+    float64 GEMMs on data-centre GPUs cost about what float32 ones do, and TF32 never
+    applies) and under torch.compile (no data-dependent branch); on the CPU, float32 where the
+    input's variance/λ allows (:data:`FLOAT32_MAX_RATIO`), float64 otherwise."""
+    if state.statistics_dtype is not None:
+        return state.statistics_dtype
+    if weight.dtype == torch.float64 or few_patches:
+        return torch.float64
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.float64
+    return torch.float32 if var.max() <= FLOAT32_MAX_RATIO * state.lam else torch.float64
+
+
+def tract_forward(layer: nn.Module, state: TrActState, input: Tensor) -> Tensor:
+    """The layer's forward with TrAct: plain in eval mode, under no_grad or with a frozen
+    weight; otherwise the weight goes through :class:`PreconditionWeight`."""
+    weight, adapter = layer.weight, adapter_for(layer)  # read once (parametrizations run here)
+    if not (layer.training and torch.is_grad_enabled() and weight.requires_grad):
+        return adapter.forward(input, weight)
+    if getattr(layer, "_is_replica", False):
+        raise RuntimeError(
+            "TrAct does not support nn.DataParallel (its replicas would each precondition with "
+            "their own device's statistics): use DistributedDataParallel, one process per GPU"
+        )
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            "torch.export captures the forward only, and TrAct changes only the backward: "
+            "export in eval mode (model.eval()) or after trainact.remove(model)"
+        )
+    if state.defer or distributed.resolve(state.process_group) is not None:
+        return _eager_forward(layer, state, adapter, input, weight)
+    return _preconditioned_forward(layer, state, adapter, input, weight)
+
+
+@torch.compiler.disable
+def _eager_forward(
+    layer: nn.Module, state: TrActState, adapter: Adapter, input: Tensor, weight: Tensor
+) -> Tensor:
+    """Deferred sums (Python state) and asynchronous collectives (Work handles) do not trace:
+    under torch.compile this layer then runs eagerly, the rest stays compiled."""
+    return _preconditioned_forward(layer, state, adapter, input, weight)
+
+
+def _preconditioned_forward(
+    layer: nn.Module, state: TrActState, adapter: Adapter, input: Tensor, weight: Tensor
+) -> Tensor:
+    with torch.autocast(input.device.type, enabled=False):
+        stats = patch_statistics(adapter, input.detach(), state, weight)
+    group = None if state.defer else distributed.resolve(state.process_group)
+    work = None if group is None else distributed.all_reduce_async(stats.data, group)
+    routed = PreconditionWeight.apply(weight, stats, state, layer, work)
+    return adapter.forward(input, routed)
+
+
+class TrActLayer(nn.Module):
+    """The base of the generated ``TrAct<Layer>`` classes; never instantiated directly."""
+
+    _trainact_base: type[nn.Module]
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: D102
+        state = self.__dict__.get(STATE)
+        if state is None:  # removed while the class could not be restored (see disable)
+            return self._trainact_base.forward(self, input)
+        return tract_forward(self, state, input)
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+        # The generated class cannot be imported by name: rebuild it from the layer's own class.
+        return (_rebuild, (self._trainact_base,), self.__getstate__())
+
+
+_CLASSES: dict[type[nn.Module], type[TrActLayer]] = {}
+
+
+def _tract_class(base: type[nn.Module]) -> type[TrActLayer]:
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = type(f"TrAct{base.__name__}", (TrActLayer, base), {"_trainact_base": base})
+        _CLASSES[base] = cls
+    return cls
+
+
+def _rebuild(base: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``base``'s TrAct class (unpickling and deepcopy fill its state)."""
+    cls = _tract_class(base)
+    return cls.__new__(cls)
+
+
+def state_of(module: nn.Module) -> TrActState | None:
+    """The layer's TrAct state, or None where TrAct is not enabled."""
+    return module.__dict__.get(STATE)
+
+
+def enable(layer: nn.Module, state: TrActState) -> None:
+    """Swap the layer's class for its TrAct subclass and attach ``state``."""
+    layer.__dict__[STATE] = state
+    layer.__class__ = _tract_class(type(layer))
+
+
+def disable(layer: nn.Module) -> None:
+    """Undo :func:`enable`: the class's own forward is back, pending statistics dropped.
+
+    A class changed after enabling (``fully_shard`` on the layer itself, say) is left as it is;
+    without its state the layer then computes the plain forward.
     """
-
-    def __init__(
-        self,
-        layer: nn.Module,
-        lam: float,
-        process_group: distributed.ProcessGroupArg,
-        defer: bool,
-    ) -> None:
-        self.layer = layer
-        self.adapter: Adapter = adapter_for(layer)
-        self.lam = lam
-        self.process_group = process_group
-        self.defer = defer
-        self.pending: Tensor | None = None  # deferred statistics, summed over backward passes
-        # (parameter, its version) once the backward that gathered them has finished
-        self.pending_version: tuple[Tensor, int] | None = None
-
-    def __call__(self, input: Tensor) -> Tensor:
-        layer, weight = self.layer, self.layer.weight
-        if not (layer.training and torch.is_grad_enabled() and weight.requires_grad):
-            return self.adapter.forward(input, weight)  # eval, no_grad, frozen: no extra work
-        if self.defer or distributed.resolve(self.process_group) is not None:
-            return self._eager_forward(input, weight)
-        return self._preconditioned_forward(input, weight)
-
-    @torch.compiler.disable
-    def _eager_forward(self, input: Tensor, weight: Tensor) -> Tensor:
-        """Deferred sums (Python state) and asynchronous collectives (Work handles) do not
-        trace: under torch.compile this layer then runs eagerly, the rest stays compiled."""
-        if self.defer:
-            self._refuse_missed_precondition()
-        return self._preconditioned_forward(input, weight)
-
-    def _preconditioned_forward(self, input: Tensor, weight: Tensor) -> Tensor:
-        with torch.autocast(input.device.type, enabled=False):
-            stats, work, use_patches = self._statistics(input.detach(), weight)
-        routed = PreconditionWeight.apply(weight, stats, self, work, use_patches)
-        return self.adapter.forward(input, routed)
-
-    def _statistics(self, x: Tensor, weight: Tensor) -> tuple[Tensor, object, bool]:
-        """This call's statistics, and the all-reduce that sums them when distributed."""
-        adapter, dtype = self.adapter, statistics_dtype(weight)
-        n, groups, dim = adapter.num_patches(x), adapter.groups, adapter.dim
-        group = None if self.defer else distributed.resolve(self.process_group)
-        if group is None and not self.defer and 0 < n < dim:
-            return patch_matrix(adapter.chunks(x, dtype), dtype), None, True
-        stats = torch.zeros(groups * dim * dim + 1, dtype=dtype, device=x.device)
-        gram, count = unpack_gram(stats, groups, dim)
-        gram_of_chunks(adapter.chunks(x, dtype), gram)
-        count.fill_(n)
-        work = None if group is None else distributed.all_reduce_async(stats, group)
-        return stats, work, False
-
-    def accumulate(self, stats: Tensor) -> None:
-        """Add one backward pass's statistics to the deferred sum (``defer=True``)."""
-        self.pending = stats.clone() if self.pending is None else self.pending.add_(stats)
-        torch.autograd.Variable._execution_engine.queue_callback(self._record_weight_version)
-
-    def _record_weight_version(self) -> None:
-        """At the end of backward, when FSDP2 has put the sharded parameter back on the layer:
-        its version is the one an optimizer step bumps (the unsharded one's never changes)."""
-        weight = self.layer.weight
-        self.pending_version = (weight, weight._version)
-
-    def _refuse_missed_precondition(self) -> None:
-        if self.pending is None or self.pending_version is None:
-            return
-        weight, version = self.pending_version
-        if weight._version != version:
-            raise RuntimeError(
-                f"TrAct (defer=True) on {type(self.layer).__name__}: the weight changed while "
-                "accumulated statistics were pending, so an optimizer step ran on a gradient "
-                "that trainact.precondition_(model) never preconditioned. Call it after the "
-                "last backward of each step, before clipping and optimizer.step() "
-                "(or use trainact.precondition_on_step)."
-            )
-
-    def __repr__(self) -> str:
-        return f"TrActForward(lam={self.lam}, defer={self.defer})"
+    del layer.__dict__[STATE]
+    steps.unmark_pending(layer)
+    if type(layer) in _CLASSES.values():
+        layer.__class__ = type(layer)._trainact_base

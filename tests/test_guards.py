@@ -1,0 +1,241 @@
+"""Never silently plain: every road that used to train without TrAct now preconditions exactly
+or raises an error that says what to do (issue 9)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import trainact
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2)).double()
+
+
+def _batches(k: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (
+            3 + 2 * torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64),
+            torch.randn(4, 2, generator=gen),
+        )
+        for _ in range(k)
+    ]
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Mean squared error, divided by the number ``k`` of micro-batches of the step."""
+    return (model(x) - y.double()).square().mean() / k
+
+
+def _big_batch_step(opt_fn) -> torch.Tensor:
+    """One step on all micro-batches as one batch (TrAct not deferred): the exact answer."""
+    model = _model()
+    trainact.apply(model)
+    opt = opt_fn(model.parameters())
+    x = torch.cat([b[0] for b in _batches()])
+    y = torch.cat([b[1] for b in _batches()])
+    _loss(model, x, y).backward()
+    opt.step()
+    return model[0].weight.detach().clone()
+
+
+@pytest.mark.parametrize(
+    "opt_fn",
+    [
+        lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
+        lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, fused=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, foreach=True),
+        lambda p: torch.optim.Adam(p, lr=0.1),
+    ],
+    ids=["adam-fused", "adamw-fused", "sgd-fused", "sgd-foreach", "adam"],
+)
+def test_step_without_precondition_raises_before_changing_weights(opt_fn):
+    """The guard sits at optimizer.step, so fused kernels (which do not bump the weight's
+    version counter) are caught too."""
+    model = _model()
+    trainact.apply(model, defer=True)
+    opt = opt_fn(model.parameters())
+    for x, y in _batches():
+        _loss(model, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="precondition_"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    trainact.precondition_(model)
+    opt.step()  # now fine
+
+
+def test_an_optimizer_of_other_parameters_is_not_blocked():
+    model = _model()
+    trainact.apply(model, defer=True)
+    head_opt = torch.optim.SGD(model[3].parameters(), lr=0.1)
+    _loss(model, *_batches()[0]).backward()
+    head_opt.step()  # the first layer is not this optimizer's: no error
+    trainact.precondition_(model)
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def test_precondition_on_step_with_closure_is_exact():
+    """step(closure) runs the backward inside step (LBFGS, Lightning): preconditioning must come
+    after the closure, not in a plain pre-hook before it."""
+    model = _model()
+    trainact.apply(model, defer=True)
+    opt = _sgd(model.parameters())
+    trainact.precondition_on_step(opt, model)
+    batches = _batches()
+    _loss(model, *batches[0], k=2).backward()  # an earlier micro-batch, outside step
+
+    def closure():
+        loss = _loss(model, *batches[1], k=2)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    torch.testing.assert_close(model[0].weight, _big_batch_step(_sgd), rtol=1e-12, atol=1e-12)
+
+
+def test_precondition_on_step_with_lbfgs():
+    model = _model()
+    trainact.apply(model, defer=True)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
+    trainact.precondition_on_step(opt, model)
+    x, y = _batches()[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, x, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # calls the closure several times: each gradient preconditioned
+    assert model[0].trainact_state.pending is None
+
+
+def test_precondition_on_step_unwraps_accelerate_and_can_be_removed():
+    accelerate = pytest.importorskip("accelerate")
+    model = _model()
+    trainact.apply(model, defer=True)
+    opt = accelerate.Accelerator(cpu=True).prepare_optimizer(_sgd(model.parameters()))
+    assert type(opt).__name__ == "AcceleratedOptimizer"
+    handle = trainact.precondition_on_step(opt, model)
+    for x, y in _batches():
+        _loss(model, x, y, k=2).backward()
+    opt.step()
+    torch.testing.assert_close(model[0].weight, _big_batch_step(_sgd), rtol=1e-12, atol=1e-12)
+    handle.remove()
+    _loss(model, *_batches()[0]).backward()
+    with pytest.raises(RuntimeError, match="precondition_"):
+        opt.step()
+    with pytest.raises(TypeError, match="not a torch.optim.Optimizer"):
+        trainact.precondition_on_step(object(), model)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda m: parametrizations.weight_norm(m),
+        lambda m: parametrizations.spectral_norm(m),
+        lambda m: torch.nn.utils.spectral_norm(m),
+        lambda m: parametrize.register_parametrization(m, "weight", nn.Tanh()) or m,
+    ],
+    ids=["weight_norm", "spectral_norm", "old-spectral_norm", "register_parametrization"],
+)
+def test_parametrized_weights_are_refused_with_defer_and_left_untouched(wrap):
+    torch.manual_seed(0)
+    layer = wrap(nn.Conv2d(3, 4, 3))
+    with pytest.raises(RuntimeError, match="defer=False"):
+        trainact.TrAct(layer, defer=True)
+    assert not trainact.is_enabled(layer)
+    reference = copy.deepcopy(layer)
+    trainact.TrAct(layer)  # without defer: fine, and enabling runs no parametrization
+    for (name, a), b in zip(
+        layer.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+
+
+def test_parametrization_added_after_defer_is_refused_at_precondition():
+    layer = trainact.TrAct(nn.Conv2d(3, 4, 3), defer=True)
+    parametrize.register_parametrization(layer, "weight", nn.Identity())
+    layer(torch.randn(2, 3, 6, 6)).sum().backward()
+    with pytest.raises(RuntimeError, match="defer=False"):
+        trainact.precondition_(layer)
+
+
+def test_complex_weights_are_refused():
+    with pytest.raises(TypeError, match="real weights"):
+        trainact.TrAct(nn.Linear(3, 2, dtype=torch.complex64))
+
+
+def test_del_model_frees_it_without_the_cycle_collector():
+    model = _model()
+    trainact.apply(model)
+    _loss(model, *_batches()[0]).backward()
+    ref = weakref.ref(model[0])
+    gc.collect()  # unrelated garbage of earlier tests
+    gc.disable()
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_data_parallel_replicas_are_refused():
+    """nn.DataParallel runs replicas made by _replicate_for_data_parallel (it needs several GPUs
+    to do so; the replica itself is made here the same way)."""
+    layer = trainact.TrAct(nn.Conv2d(3, 4, 3))
+    replica = layer._replicate_for_data_parallel()
+    replica._parameters["weight"] = layer.weight  # as replicate() assigns the broadcast copy
+    replica._parameters["bias"] = layer.bias
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        replica(torch.randn(2, 3, 6, 6))
+
+
+def test_torch_export_refuses_training_mode_and_exports_eval_mode():
+    model = _model().float()
+    trainact.apply(model)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(Exception, match="torch.export"):
+        torch.export.export(model, (x,))
+    exported = torch.export.export(model.eval(), (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_deepcopy_with_pending_statistics_starts_clean():
+    """An EMA copy taken mid-accumulation must not inherit the original's pending sums (it raised
+    a false missed-precondition error)."""
+    model = _model()
+    trainact.apply(model, defer=True)
+    _loss(model, *_batches()[0]).backward()
+    ema = copy.deepcopy(model)
+    assert ema[0].trainact_state.pending is None
+    opt = torch.optim.SGD(ema.parameters(), lr=0.1)
+    _loss(ema, *_batches()[0]).backward()
+    trainact.precondition_(ema)
+    opt.step()
+    trainact.precondition_(model)
+
+
+def test_pickle_drops_pending_statistics():
+    model = _model()
+    trainact.apply(model, defer=True)
+    _loss(model, *_batches()[0]).backward()
+    copied = pickle.loads(pickle.dumps(model))
+    assert trainact.is_enabled(copied) and copied[0].trainact_state.pending is None
