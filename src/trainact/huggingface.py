@@ -41,6 +41,7 @@ class TrActMixin:
         tract_example_inputs: with ``tract_layer=None``, one input batch for finding the first
             layer by a forward run, e.g. ``{"pixel_values": images}``, on the device the
             model is on when passed in (torch.fx cannot trace most Hugging Face models).
+        tract_statistics_dtype: as ``statistics_dtype`` of :func:`trainact.apply`.
 
     TrAct is enabled with deferred statistics (``defer=True``): the micro-batches of a step
     (``gradient_accumulation_steps``) sum their XᵀX and n, and :func:`trainact.precondition_`
@@ -61,9 +62,11 @@ class TrActMixin:
         tract_lam: float = 0.1,
         tract_layer: str | None = None,
         tract_example_inputs: Any = None,
+        tract_statistics_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         self.tract_lam, self.tract_layer = tract_lam, tract_layer
+        self.tract_statistics_dtype = tract_statistics_dtype
         self.tract_example_inputs = tract_example_inputs
         if model is not None:  # before the Trainer moves it: still where the user built it
             self._enable_tract(model)  # (with model_init, call_model_init enables TrAct)
@@ -99,6 +102,7 @@ class TrActMixin:
             model,
             self.tract_lam,
             layer=self.tract_layer,
+            statistics_dtype=self.tract_statistics_dtype,
             defer=True,
             example_inputs=self.tract_example_inputs,
         )

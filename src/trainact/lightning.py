@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 import trainact
@@ -61,6 +62,7 @@ class TrActCallback(pl.Callback):
             arguments or a dict of keyword arguments, as Lightning defines it), else by
             tracing its ``forward`` with torch.fx.
         defer: use deferred statistics even without gradient accumulation.
+        statistics_dtype: as for :func:`trainact.apply` (None: accurate at any input scale).
         process_group: as for :func:`trainact.apply`; the default sums statistics over all
             processes of a distributed run.
 
@@ -77,9 +79,11 @@ class TrActCallback(pl.Callback):
         *,
         layer: str | None = None,
         defer: bool = False,
+        statistics_dtype: torch.dtype | None = None,
         process_group: distributed.ProcessGroupArg = "auto",
     ) -> None:
         self.lam = lam
+        self.statistics_dtype = statistics_dtype
         self.layer = layer
         self.defer = defer
         self.process_group = process_group
@@ -103,6 +107,7 @@ class TrActCallback(pl.Callback):
             pl_module,
             self.lam,
             layer=self.layer,
+            statistics_dtype=self.statistics_dtype,
             process_group=self.process_group,
             defer=self._deferred,
             example_inputs=pl_module.example_input_array if self.layer is None else None,

@@ -79,15 +79,19 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     )
 
 
-def build_config(args: argparse.Namespace, **fixed: object) -> Config:
-    """Defaults, then the preset (for the epoch budget asked), then explicit options, then
-    ``fixed`` (the method and, in a sweep, the budget: a preset's lr may depend on it)."""
+def build_config(args: argparse.Namespace, saved: dict | None = None, **fixed: object) -> Config:
+    """Defaults (or the ``saved`` configuration of a run to resume), then the preset (for the
+    epoch budget asked), then explicit options, then ``fixed`` (the method and, in a sweep, the
+    budget: a preset's lr may depend on it)."""
     from trainact.experiments.presets import preset_overrides
     from trainact.experiments.train import Config
 
     fields = {f.name for f in dataclasses.fields(Config)}
-    budget = fixed.get("epochs", args.epochs)
-    values = preset_overrides(args.preset, budget) if args.preset else {}
+    values = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in (saved or {}).items() if k in fields
+    }
+    budget = fixed.get("epochs", args.epochs or values.get("epochs"))
+    values.update(preset_overrides(args.preset, budget) if args.preset else {})
     for name in fields:
         given = getattr(args, name, None)
         if given is not None:
@@ -118,7 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one run", description=defaults)
     _add_config_args(p, method=True)
     p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its saved configuration (options given must agree, "
+        "except --device, --data-dir, --compile, --eval-batch-size)",
+    )
     p = sub.add_parser(
         "compare", help="baseline vs TrAct over seeds (the main job)", description=defaults
     )
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainact.experiments.compare import compare, sweep
     from trainact.experiments.plot import plot_dir
     from trainact.experiments.presets import get_preset
+    from trainact.experiments.rundir import saved_job
     from trainact.experiments.train import NonFiniteLoss, resolve_device, train
 
     args = _parser().parse_args(argv)
@@ -180,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {plot_dir(args.directory)}")
             return 0
         fixed = {} if args.command == "train" else {"method": "baseline"}
-        cfg = build_config(args, **fixed)
+        resuming = args.command == "train" and args.resume
+        saved = saved_job(args.out, "train")["config"] if resuming else None
+        cfg = build_config(args, saved, **fixed)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         if args.threads is not None or resolve_device(cfg.device).type == "cpu":
@@ -213,11 +225,18 @@ def main(argv: list[str] | None = None) -> int:
                 config_for_budget=lambda e: build_config(args, method="baseline", epochs=e),
                 progress=progress,
             )
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         kind = "stopped" if isinstance(err, NonFiniteLoss) else "error"
-        print(f"{kind}: {err}", file=sys.stderr)
+        print(f"{kind}: {_message(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _message(err: Exception) -> str:
+    """One line: an OS error as ``path: reason``, anything else as its message."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 def _epoch_line(r: dict) -> str:

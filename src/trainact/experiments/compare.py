@@ -4,33 +4,30 @@ and the sweep over epoch budgets. Both resume: finished epochs and runs are neve
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from trainact.experiments.data import ImageDataset
-from trainact.experiments.plot import mean_std_by, plot_budgets, plot_curves, read_jsonl
-from trainact.experiments.train import METHODS, Config, load_data, train
+from trainact.experiments.plot import mean_std_by, plot_budgets, plot_curves
+from trainact.experiments.rundir import append_jsonl, claim, read_jsonl, write_json, write_jsonl
+from trainact.experiments.train import METHODS, RESUMABLE_CHANGES, Config, load_data, train
 
 
-def _claim(out: Path, identity: dict) -> bool:
-    """Create ``out`` for this job, or accept it if it holds the same job; True if resuming."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "job.json"
-    if path.exists():
-        if json.loads(path.read_text()) != json.loads(json.dumps(identity)):
-            raise FileExistsError(
-                f"{out} holds results of a different job (see {path}); choose another --out"
-            )
-        return True
-    path.write_text(json.dumps(identity, indent=2))
-    return False
+def _distinct(name: str, values: Sequence[int]) -> list[int]:
+    """``values`` as a list; ValueError when one repeats (it would count one run twice)."""
+    repeated = sorted({v for v in values if list(values).count(v) > 1})
+    if repeated or not values:
+        raise ValueError(
+            f"--{name} must list distinct values, got {list(values)}"
+            + (f" ({', '.join(map(str, repeated))} repeated)" if repeated else "")
+        )
+    return list(values)
 
 
 def _rebuild(path: Path, run_dirs: Sequence[Path], name: str = "results.jsonl") -> list[dict]:
     """The combined log, rebuilt from the runs' own logs (so a resume never duplicates)."""
     records = [r for d in run_dirs if (d / name).exists() for r in read_jsonl(d / name)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     return records
 
 
@@ -58,14 +55,31 @@ def compare(
     """Train baseline and TrAct for each seed; write results.jsonl, summary.json, accuracy.png.
 
     ``data`` replaces the dataset ``cfg`` names (already loaded, for tests and notebooks).
+    ``out_dir`` is claimed for this comparison; rerun with the same values it resumes.
     """
     out = Path(out_dir)
+    seeds = _distinct("seeds", seeds)
+    for seed in seeds:
+        dataclasses.replace(cfg, seed=seed).validate()
     identity = {
         "config": dataclasses.asdict(dataclasses.replace(cfg, method="*")),
-        "seeds": list(seeds),
+        "seeds": seeds,
     }
-    if _claim(out, identity):
-        log(f"resuming the comparison in {out}")
+    with claim(out, "compare", identity, mutable=RESUMABLE_CHANGES) as resuming:
+        if resuming:
+            log(f"resuming the comparison in {out}")
+        return _compare(cfg, seeds, out, identity, data, progress, log)
+
+
+def _compare(
+    cfg: Config,
+    seeds: list[int],
+    out: Path,
+    identity: dict,
+    data: ImageDataset | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict:
     if data is None:
         data = load_data(cfg, progress)
     log(
@@ -78,8 +92,7 @@ def compare(
     _rebuild(combined, [d for _, _, d in runs])
 
     def append(record: dict) -> None:
-        with combined.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(combined, record)
         log(
             f"{record['method']:>8} seed {record['seed']} epoch {record['epoch']}/{cfg.epochs}: "
             f"train loss {record['train_loss']:.3f}, test acc {100 * record['test_acc']:.2f} %, "
@@ -106,7 +119,7 @@ def compare(
         },
         **speedup(records, cfg.epochs),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     plot_curves(records, out / "accuracy.png", f"{cfg.model} on {data.name}, {len(seeds)} seeds")
     final = summary["final"]
     log(
@@ -138,26 +151,42 @@ def sweep(
     """Every (budget, method, seed) run to its end; finished runs are skipped on a rerun."""
     out = Path(out_dir)
     make = config_for_budget or (lambda e: dataclasses.replace(cfg, epochs=e))
+    budgets, seeds = _distinct("budgets", budgets), _distinct("seeds", seeds)
+    configs = {e: make(e) for e in budgets}
+    for run_cfg in configs.values():
+        for seed in seeds:
+            dataclasses.replace(run_cfg, seed=seed).validate()
     identity = {
         "config": dataclasses.asdict(dataclasses.replace(cfg, method="*", epochs=0)),
-        "budgets": list(budgets),
-        "seeds": list(seeds),
+        "budgets": budgets,
+        "seeds": seeds,
     }
-    _claim(out, identity)
+    with claim(out, "sweep", identity, mutable=RESUMABLE_CHANGES):
+        return _sweep(cfg, configs, seeds, out, progress, log)
+
+
+def _sweep(
+    cfg: Config,
+    configs: dict[int, Config],
+    seeds: list[int],
+    out: Path,
+    progress: bool,
+    log: Callable[[str], None],
+) -> list[dict]:
+    budgets = list(configs)
     data = load_data(cfg, progress)
     runs = [(e, m, s, out / f"{m}-e{e}-seed{s}") for e in budgets for s in seeds for m in METHODS]
     finals_path = out / "sweep.jsonl"
     finals = [r for r in _final_records(run_dirs=[d for *_, d in runs])]
-    finals_path.write_text("".join(json.dumps(r) + "\n" for r in finals))
+    write_jsonl(finals_path, finals)
     done = {(r["epochs"], r["method"], r["seed"]) for r in finals}
     for epochs, method, seed, run_dir in runs:
         if (epochs, method, seed) in done:
             log(f"skip {run_dir.name}: finished")
             continue
-        run_cfg = dataclasses.replace(make(epochs), method=method, seed=seed)
+        run_cfg = dataclasses.replace(configs[epochs], method=method, seed=seed)
         record = train(run_cfg, run_dir, resume=True, data=data, progress=progress)[-1]
-        with finals_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(finals_path, record)
         finals.append(record)
         log(f"{run_dir.name}: test accuracy {100 * record['test_acc']:.2f} %")
     plot_budgets(finals, out / "budgets.png", f"{cfg.model} on {data.name}")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean, stdev
@@ -12,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from trainact.experiments.rundir import read_jsonl  # noqa: E402
 
 COLORS = {"baseline": "tab:blue", "tract": "tab:red"}
 LABELS = {"baseline": "baseline", "tract": "TrAct"}
@@ -66,10 +67,6 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> Path:
 def plot_budgets(records: list[dict], path: Path, title: str = "") -> Path:
     """Final test accuracy against epoch budget, mean ± std over seeds."""
     return _draw(mean_std_by(records, "epochs"), path, "epoch budget", title, log_x=True)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_dir(directory: Path) -> Path:
