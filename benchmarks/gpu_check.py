@@ -1275,6 +1275,9 @@ def environment(ctx: Context) -> dict[str, str]:
     return {
         "device": device,
         "run": "dry run (tiny sizes)" if ctx.dry_run else "full check",
+        "sizes": ", ".join(
+            f"{f.name} {getattr(ctx.sizes, f.name)}" for f in dataclasses.fields(Sizes)
+        ),
         "torch": torch.__version__,
         "CUDA": str(torch.version.cuda),
         "cuDNN": str(torch.backends.cudnn.version()) if ctx.device.type == "cuda" else "–",
