@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any, TypeVar
 
 import torch
@@ -62,7 +63,12 @@ def _enable(
             f"TrAct is already enabled on {label}; call trainact.remove() first to change its "
             "settings"
         )
-    check_supported(type(layer))
+    check_supported(tract_layer.plain_class(layer))
+    if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
+        raise RuntimeError(
+            f"{label} is a lazy layer whose weight is not initialized yet (its class changes at "
+            "the first forward): run one forward before enabling TrAct"
+        )
     if "forward" in layer.__dict__:
         raise RuntimeError(
             f"{label} already has its forward replaced by {layer.__dict__['forward']!r}; TrAct "
@@ -107,11 +113,15 @@ def TrAct(  # noqa: N802  (the reference implementation's name, kept as a drop-i
     Args:
         layer: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (any options).
         l: λ > 0, the regularization of Lemma 1 (the paper's default 0.1).
-        statistics_dtype: the dtype of the XᵀX product. None (default): float32 (float64 for
-            float64 layers), on patches centered on the input's channel means and assembled
-            and solved in float64, which keeps raw-pixel inputs accurate (see the README's
-            accuracy table); ``torch.float64``: the product in float64 too, exact at any scale
-            for about 1.5 to 2× the product's cost.
+        statistics_dtype: the dtype of the XᵀX product; the statistics are always assembled
+            and solved in float64, from patches centered on the input's means. None (default):
+            accurate at any input scale: float32 on the CPU where the centered patches' spread
+            over λ allows it, float64 where it does not (raw pixels), for n < d, for float64
+            layers, on accelerators and under torch.compile (see
+            :func:`trainact.nn.layer.gemm_dtype` and the README's accuracy table).
+            ``torch.float64``: always float64, exact to about 1e-8. ``torch.float32``: always
+            float32, fast where float64 is slow (consumer GPUs), accurate for normalized
+            inputs only (on CUDA it follows the float32 matmul precision, TF32 included).
         process_group: whose statistics a step uses, decided at every training forward:
             "auto" (XᵀX and n summed over the default group whenever torch.distributed is
             initialized with world size > 1 at that time, else this process's), None (this
@@ -261,10 +271,12 @@ def precondition_on_step(optimizer: Any, model: nn.Module) -> RemovableHandle:
 
 
 class _PreconditionModel:
-    """Picklable callable that finishes a model's deferred TrAct steps."""
+    """Finishes a model's deferred TrAct steps; holds the model weakly, so that a model which
+    references its optimizer (the registry's key) can still be freed."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model = weakref.ref(model)
 
     def __call__(self) -> int:
-        return precondition_(self.model)
+        model = self.model()
+        return 0 if model is None else precondition_(model)

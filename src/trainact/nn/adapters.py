@@ -53,11 +53,16 @@ class LinearAdapter:
         return input.numel() // self.dim if input.dim() > 0 else 0
 
     def moments(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        """Variance and mean of each input feature, ``(d,)`` float32 each (input non-empty),
-        estimated from at most ~4096 evenly spaced rows: the input is the whole patch matrix,
-        and these only pick the centering shift and the GEMM dtype."""
+        """The mean of each input feature and the mean square of each centered feature,
+        ``(d,)`` float32 each (input non-empty). The mean is exact (a GEMV); the spread, which
+        only picks the GEMM dtype, comes from at most 4096 rows spread by a multiplicative hash
+        (evenly spaced rows would alias with the tokens of a sequence)."""
         rows = input.reshape(-1, self.dim)
-        return _var_mean(rows[:: max(1, rows.shape[0] // 4096)], [0])
+        count = rows.shape[0]
+        mean = (rows.mT @ rows.new_ones(count)).float() / count
+        picked = torch.arange(min(count, 4096), device=rows.device) * 2654435761 % count
+        spread = (rows[picked].float() - mean).square().mean(0)
+        return spread, mean
 
     def expand(self, per_feature: Tensor) -> Tensor:
         """A per-feature vector as the ``(groups, d)`` value of each patch entry."""
@@ -110,10 +115,15 @@ class ConvAdapter:
         return batch * math.prod(self._output_size(input))
 
     def moments(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        """Variance and mean of each input channel, ``(C,)`` float32 each (input non-empty)."""
+        """The mean of each input channel and an upper bound of the mean square of its centered
+        patch entries, ``(C,)`` float32 each (input non-empty): the channel's variance, plus
+        mean² where zero padding puts entries at −mean once centered."""
         if input.dim() == self.spatial + 1:
             input = input.unsqueeze(0)
-        return _var_mean(input, [0, *range(2, input.dim())])
+        spread, mean = _var_mean(input, [0, *range(2, input.dim())])
+        if self.layer.padding_mode == "zeros" and any(self._pads()):
+            spread = spread + mean.square()
+        return spread, mean
 
     def expand(self, per_channel: Tensor) -> Tensor:
         """A per-channel vector as the ``(groups, d)`` value of each patch entry."""
