@@ -150,7 +150,9 @@ class ConvAdapter:
             x = input[start : start + batch_step]
             if any(pads):
                 x = F.pad(x, pads, mode=mode)
-            x = x.to(dtype) - mean  # an input-sized pass: the patches are copied once, below
+            # input-sized passes (channels-last made contiguous: the patch copy below then runs
+            # along the last dimension); the patches themselves are copied once, below
+            x = (x.to(dtype) - mean).contiguous()
             # (b, C, *S) -> (b, g, C/g, *S) -> unfold each spatial dim: (b, g, C/g, *out, *span)
             v = x.unflatten(1, (self.groups, -1))
             for i in range(n_sp):
