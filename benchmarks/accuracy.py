@@ -81,11 +81,15 @@ CASES = [
     Case("[0, 255], 4x4/4", conv(4, 4), lambda x: x[:64], 2e-3),
     Case("[0, 255], 8x8/8", conv(8, 8), lambda x: x[:128], 2e-3),
     Case("[0, 255], 16x16/16", conv(16, 16), lambda x: x[:256], 2e-3),
-    Case("[0, 255], Linear on 8x8 tokens", lambda: nn.Linear(192, 32), lambda x: tokens(x[:64]), 2e-3),
+    Case(
+        "[0, 255], Linear on 8x8 tokens", lambda: nn.Linear(192, 32), lambda x: tokens(x[:64]), 2e-3
+    ),
     Case("smooth 128 px [0, 255], 7x7/2 pad 3", conv(7, 2, 3), lambda x: smooth(x[:16]), 1e-2),
     Case("smooth 128 px [0, 255], 8x8/8", conv(8, 8), lambda x: smooth(x[:32]), 1e-2),
     Case("smooth 128 px [0, 255], 16x16/16", conv(16, 16), lambda x: smooth(x[:64]), 1e-2),
-    Case("over-exposed [200, 255], 7x7/2 pad 3", conv(7, 2, 3), lambda x: over_exposed(x[:16]), 5e-2),
+    Case(
+        "over-exposed [200, 255], 7x7/2 pad 3", conv(7, 2, 3), lambda x: over_exposed(x[:16]), 5e-2
+    ),
     Case("over-exposed [200, 255], 8x8/8", conv(8, 8), lambda x: over_exposed(x[:32]), 5e-2),
     Case("over-exposed [200, 255], 16x16/16", conv(16, 16), lambda x: over_exposed(x[:64]), 5e-2),
     Case(
@@ -103,8 +107,9 @@ def case_error(
 ) -> float:
     """Relative error of TrAct's weight gradient against the float64 reference on ``case``."""
     torch.manual_seed(seed)
-    plain = case.layer()
-    tract = trainact.TrAct(case.layer(), statistics_dtype=statistics_dtype)
+    plain = case.layer().to(images.device)
+    options = {} if statistics_dtype is None else {"statistics_dtype": statistics_dtype}
+    tract = trainact.TrAct(case.layer().to(images.device), **options)  # (older trainact too)
     tract.load_state_dict(plain.state_dict())
     x = case.input(images)
     out = plain(x)
@@ -122,7 +127,7 @@ def main() -> None:
     dtype = torch.float64 if args.statistics_dtype == "float64" else None
     images = photos()
     print(f"statistics_dtype={args.statistics_dtype}, lambda={LAM}, torch {torch.__version__}")
-    print(f"| case | relative error | target |\n|---|---:|---:|")
+    print("| case | relative error | target |\n|---|---:|---:|")
     for case in CASES:
         target = 1e-6 if dtype is torch.float64 else case.target
         error = case_error(case, images, dtype)

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -51,6 +52,9 @@ def _peak_mib(device: str) -> float:
 
 def stem_worker(method: str, batch: int, repeats: int, device: str) -> dict[str, float]:
     """Time (best of ``repeats``) and peak memory of one method's stem forward + backward."""
+    if device == "cuda":  # the peak of this call alone, also when run in-process
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     layer = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
     if method == "trainact":
@@ -94,15 +98,26 @@ def step_worker(batch: int, repeats: int, device: str, model_name: str) -> dict[
             opt.zero_grad(set_to_none=True)
 
         steps[method] = step
+    times = alternate_steps(steps, repeats, device)
+    return {m: 1000 * statistics.median(t) for m, t in times.items()}
+
+
+def alternate_steps(
+    steps: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` timed calls per step function, after ``warmup`` untimed
+    ones; the functions take turns (and alternate which goes first), so that a machine's drift
+    hits all alike. Each call is timed between device synchronizations."""
     times: dict[str, list[float]] = {m: [] for m in steps}
-    for i in range(repeats + 2):  # two warm-ups
-        for method in sorted(steps, reverse=i % 2 == 1):  # alternate which goes first
+    for i in range(warmup + repeats):
+        for method in sorted(steps, reverse=i % 2 == 1):
             _sync(device)
             start = time.perf_counter()
             steps[method]()
             _sync(device)
-            times[method].append(time.perf_counter() - start)
-    return {m: 1000 * statistics.median(t[2:]) for m, t in times.items()}
+            if i >= warmup:
+                times[method].append(time.perf_counter() - start)
+    return times
 
 
 def _run_worker(args: argparse.Namespace, bench: str, method: str = "") -> dict:

@@ -5,6 +5,7 @@ The cases and their targets live in benchmarks/accuracy.py, which prints the sam
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -101,3 +102,42 @@ def test_float32_gemm_is_chosen_only_where_it_is_accurate(images, monkeypatch):
     assert chosen == [torch.float32, torch.float64]
     monkeypatch.setattr(tract_layer, "FLOAT32_MAX_RATIO", float("inf"))
     assert accuracy.case_error(case, images) > case.target
+
+
+@pytest.mark.parametrize(
+    "layer,x",
+    [
+        (nn.Conv1d(2, 8, 7, padding="same"), 1013 + 0.3 * torch.randn(8, 2, 512)),
+        (nn.Conv2d(3, 8, 7, 2, 3), 255 - 0.3 * torch.rand(8, 3, 32, 32)),
+        (nn.Conv2d(3, 8, 7, 2, 3), 1013 + 0.1 * torch.randn(8, 3, 32, 32)),
+    ],
+    ids=["hPa-conv1d-same", "near-white", "large-mean-small-variance"],
+)
+def test_zero_padding_of_large_mean_inputs_is_accurate(layer, x):
+    """Zero padding puts centered entries at −mean: a large mean with a small variance must not
+    pick the float32 product (it gave 0.22 and NaN)."""
+    torch.manual_seed(0)
+    tract = trainact.TrAct(layer)
+    plain = trainact.remove(copy.deepcopy(layer))
+    out = plain(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    tract(x).backward(grad_out)
+    expected = reference_tract_grad(tract, x, plain.weight.grad, 0.1)
+    assert relative_error(tract.weight.grad, expected) <= 1e-5
+
+
+def test_linear_moments_do_not_alias_with_token_positions():
+    """Every second token zero, the others bright: evenly spaced sampling saw only zeros."""
+    torch.manual_seed(0)
+    x = torch.zeros(2048, 4, 48)
+    x[:, 1::2] = 200 + 50 * torch.rand(2048, 2, 1) + torch.rand(2048, 2, 48)  # smooth rows
+    plain = nn.Linear(48, 8)
+    tract = trainact.TrAct(nn.Linear(48, 8))
+    tract.load_state_dict(plain.state_dict())
+    out = plain(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    tract(x).backward(grad_out)
+    expected = reference_tract_grad(tract, x, plain.weight.grad, 0.1)
+    assert relative_error(tract.weight.grad, expected) <= 2e-3

@@ -239,3 +239,66 @@ def test_pickle_drops_pending_statistics():
     _loss(model, *_batches()[0]).backward()
     copied = pickle.loads(pickle.dumps(model))
     assert trainact.is_enabled(copied) and copied[0].trainact_state.pending is None
+
+
+def test_lazy_layers_are_refused_until_initialized():
+    """A lazy layer swaps its own class at the first forward, which would drop TrAct's."""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.Tanh())
+    with pytest.raises(RuntimeError, match="lazy"):
+        trainact.apply(model)
+    model(torch.randn(1, 3, 6, 6))
+    assert trainact.apply(model) == "0"
+
+
+def test_fx_tracing_keeps_the_tract_layer_whole():
+    """torch.fx (feature extractors, quantization) keeps torch.nn layers as call_module leaves;
+    the TrAct class must stay one, so a traced model still preconditions."""
+    model = _model()
+    trainact.apply(model)
+    traced = torch.fx.symbolic_trace(model)
+    assert "0" in [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    x, y = _batches()[0]
+    _loss(traced, x, y).backward()
+    plain = trainact.remove(_model())
+    _loss(plain, x, y).backward()
+    assert not torch.allclose(traced.get_submodule("0").weight.grad, plain[0].weight.grad)
+
+
+def test_remove_parametrizations_after_tract_keeps_tract():
+    layer = parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    trainact.TrAct(layer)
+    parametrize.remove_parametrizations(layer, "weight")
+    assert trainact.is_enabled(layer) and isinstance(layer.weight, nn.Parameter)
+    trainact.remove(layer)
+    assert type(layer) is nn.Conv2d
+
+
+def test_reenable_after_remove_under_a_later_parametrization():
+    layer = trainact.TrAct(nn.Conv2d(3, 4, 3))
+    parametrizations.weight_norm(layer)  # parametrize subclasses the TrAct class
+    trainact.remove(layer)
+    layer(torch.randn(1, 3, 6, 6))  # plain again
+    parametrize.remove_parametrizations(layer, "weight")
+    trainact.TrAct(layer)  # the TrAct class left behind is reused, not refused
+    assert trainact.is_enabled(layer)
+
+
+def test_guard_checks_the_weight_not_the_bias():
+    """Only the weight's gradient waits for precondition_: an optimizer of the bias may step."""
+    model = _model()
+    trainact.apply(model, defer=True)
+    bias_opt = torch.optim.SGD([model[0].bias], lr=0.1)
+    _loss(model, *_batches()[0]).backward()
+    bias_opt.step()
+    trainact.precondition_(model)
+
+
+def test_precondition_on_step_does_not_keep_a_model_that_holds_its_optimizer():
+    model = _model()
+    trainact.apply(model, defer=True)
+    model.optimizer = _sgd(model.parameters())
+    trainact.precondition_on_step(model.optimizer, model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any, TypeVar
 
 import torch
@@ -62,7 +63,12 @@ def _enable(
             f"TrAct is already enabled on {label}; call trainact.remove() first to change its "
             "settings"
         )
-    check_supported(type(layer))
+    check_supported(tract_layer.plain_class(layer))
+    if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
+        raise RuntimeError(
+            f"{label} is a lazy layer whose weight is not initialized yet (its class changes at "
+            "the first forward): run one forward before enabling TrAct"
+        )
     if "forward" in layer.__dict__:
         raise RuntimeError(
             f"{label} already has its forward replaced by {layer.__dict__['forward']!r}; TrAct "
@@ -107,11 +113,15 @@ def TrAct(  # noqa: N802  (the reference implementation's name, kept as a drop-i
     Args:
         layer: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (any options).
         l: λ > 0, the regularization of Lemma 1 (the paper's default 0.1).
-        statistics_dtype: the dtype of the XᵀX product. None (default): float32 (float64 for
-            float64 layers), on patches centered on the input's channel means and assembled
-            and solved in float64, which keeps raw-pixel inputs accurate (see the README's
-            accuracy table); ``torch.float64``: the product in float64 too, exact at any scale
-            for about 1.5 to 2× the product's cost.
+        statistics_dtype: the dtype of the XᵀX product; the statistics are always assembled
+            and solved in float64, from patches centered on the input's means. None (default):
+            accurate at any input scale: float32 on the CPU where the centered patches' spread
+            over λ allows it, float64 where it does not (raw pixels), for n < d, for float64
+            layers, on accelerators and under torch.compile (see
+            :func:`trainact.nn.layer.gemm_dtype` and the README's accuracy table).
+            ``torch.float64``: always float64, exact to about 1e-8. ``torch.float32``: always
+            float32, fast where float64 is slow (consumer GPUs), accurate for normalized
+            inputs only (on CUDA it follows the float32 matmul precision, TF32 included).
         process_group: whose statistics a step uses, decided at every training forward:
             "auto" (XᵀX and n summed over the default group whenever torch.distributed is
             initialized with world size > 1 at that time, else this process's), None (this
@@ -145,6 +155,7 @@ def apply(
     statistics_dtype: torch.dtype | None = None,
     process_group: distributed.ProcessGroupArg = "auto",
     defer: bool = False,
+    example_inputs: Any = None,
 ) -> str:
     """Enable TrAct on one layer of ``model`` and return that layer's name.
 
@@ -161,21 +172,31 @@ def apply(
     Args:
         model: any module.
         lam: λ > 0.
-        layer: dotted name from ``model.named_modules()``; None finds the first layer (the
-            Conv/Linear the model's input reaches first, see
-            :func:`trainact.nn.discovery.find_first_layer`); '' is ``model`` itself.
+        layer: dotted name from ``model.named_modules()``; None finds the first layer: the
+            layer whose input derives from the model's input through no other layer with
+            weights (see :func:`trainact.nn.discovery.find_first_layer`); '' is ``model`` itself.
         statistics_dtype, process_group, defer: as for :func:`TrAct`.
+        example_inputs: with ``layer=None``, find the first layer by one forward run (eval
+            mode, ``no_grad``; the model's modes are restored) instead of tracing the model with
+            ``torch.fx``, for models fx cannot trace (most Hugging Face models): a tensor, a
+            tuple of positional arguments or a dict of keyword arguments, e.g.
+            ``{"pixel_values": images}``. Every tensor in it counts as input.
 
     Returns:
         The name of the layer TrAct was enabled on ('' when ``model`` is itself the layer).
 
     Raises:
-        ValueError: bad λ, no eligible layer, no single first layer, unknown ``layer`` name.
-        TypeError: the named layer is not supported.
+        ValueError: bad λ, no eligible layer, no single first layer, an unsupported first
+            layer (``nn.Embedding``, attention, a layer called functionally), a model fx cannot
+            trace without ``example_inputs``, unknown ``layer`` name, both ``layer`` and
+            ``example_inputs`` given.
+        TypeError: the named layer is not supported; ``example_inputs`` of another type.
         RuntimeError: TrAct is already enabled on that layer.
     """
     if layer is None:
-        layer = find_first_layer(model)
+        layer = find_first_layer(model, example_inputs)
+    elif example_inputs is not None:
+        raise ValueError("pass either layer= or example_inputs= (to find the layer), not both")
     modules = dict(model.named_modules())
     if layer not in modules:
         raise ValueError(f"{type(model).__name__} has no submodule named {layer!r}")
@@ -250,10 +271,12 @@ def precondition_on_step(optimizer: Any, model: nn.Module) -> RemovableHandle:
 
 
 class _PreconditionModel:
-    """Picklable callable that finishes a model's deferred TrAct steps."""
+    """Finishes a model's deferred TrAct steps; holds the model weakly, so that a model which
+    references its optimizer (the registry's key) can still be freed."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model = weakref.ref(model)
 
     def __call__(self) -> int:
-        return precondition_(self.model)
+        model = self.model()
+        return 0 if model is None else precondition_(model)

@@ -20,27 +20,8 @@ from trainact.experiments.models import MODEL_NAMES, build_model
 from trainact.experiments.presets import PRESET_NAMES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the CPU models are tiny, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> ImageDataset:
-    """300 train / 100 test images of the embedded CIFAR-10 subset."""
-    cache = tmp_path_factory.mktemp("cache")
-    full = load_dataset("cifar10-subset", cache, train_subset=300, progress=False)
-    return dataclasses.replace(
-        full, test_images=full.test_images[:100], test_labels=full.test_labels[:100]
-    )
-
-
-@pytest.fixture(scope="module")
-def archive(tiny, tmp_path_factory) -> Path:
+def archive(tiny: ImageDataset, tmp_path_factory) -> Path:
     """A .tar.gz image folder (train/<class>/*.png, test/<class>/*.png) of 3 classes."""
     root = tmp_path_factory.mktemp("folder")
     for split, images, labels in (
@@ -137,9 +118,9 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_does(tiny, tmp_path):
 
     with pytest.raises(Interrupt):
         train.train(cfg, tmp_path / "cut", data=tiny, progress=False, on_epoch=stop_after_first)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="already holds a train run"):
         train.train(cfg, tmp_path / "cut", data=tiny, progress=False)
-    with pytest.raises(ValueError, match="lr differ"):
+    with pytest.raises(ValueError, match="lr: saved 0.08, given 0.5"):
         train.train(dataclasses.replace(cfg, lr=0.5), tmp_path / "cut", data=tiny, resume=True)
     resumed = train.train(cfg, tmp_path / "cut", data=tiny, progress=False, resume=True)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in whole]
@@ -208,7 +189,7 @@ def test_compare_from_an_archive_writes_results_summary_and_plot(archive, tmp_pa
     assert (out / "results.jsonl").read_text().splitlines() == lines
     # a different comparison in the same directory is refused, nothing overwritten
     assert cli.main([*argv[:4], "3", *argv[5:]]) == 1
-    assert "different job" in capsys.readouterr().err
+    assert "epochs: saved 2, given 3" in capsys.readouterr().err
 
 
 def test_sweep_skips_finished_runs_and_plots(archive, tmp_path, monkeypatch, capsys):

@@ -87,18 +87,23 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     )
 
 
-def build_config(args: argparse.Namespace, **fixed: object) -> Config:
-    """Defaults, then the preset (for the epoch budget asked), then explicit options, then
-    ``fixed`` (the method and, in a sweep, the budget: a preset's lr may depend on it)."""
+def build_config(args: argparse.Namespace, saved: dict | None = None, **fixed: object) -> Config:
+    """Defaults (or the ``saved`` configuration of a run to resume), then the preset (for the
+    epoch budget asked), then explicit options, then ``fixed`` (the method and, in a sweep, the
+    budget: a preset's lr may depend on it)."""
     from trainact.experiments.presets import preset_overrides
     from trainact.experiments.train import Config
 
     fields = {f.name for f in dataclasses.fields(Config)}
-    budget = fixed.get("epochs", args.epochs)
-    values = preset_overrides(args.preset, budget) if args.preset else {}
+    values = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in (saved or {}).items() if k in fields
+    }
+    budget = fixed.get("epochs", args.epochs or values.get("epochs"))
+    preset = preset_overrides(args.preset, budget) if args.preset else {}
     if getattr(args, "input_range", None) not in (None, "standardized"):
-        values.pop("mean", None)  # a preset's standardization, unused by unit or raw inputs
-        values.pop("std", None)
+        preset.pop("mean", None)  # a preset's standardization, unused by unit or raw inputs
+        preset.pop("std", None)
+    values.update(preset)
     for name in fields:
         given = getattr(args, name, None)
         if given is not None:
@@ -129,7 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one run", description=defaults)
     _add_config_args(p, method=True)
     p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its saved configuration (options given must agree, "
+        "except --device, --data-dir, --compile, --eval-batch-size)",
+    )
     p = sub.add_parser(
         "compare", help="baseline vs TrAct over seeds (the main job)", description=defaults
     )
@@ -198,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainact.experiments.compare import compare, sweep
     from trainact.experiments.plot import plot_dir, plot_finals
     from trainact.experiments.presets import get_preset
+    from trainact.experiments.rundir import saved_job
     from trainact.experiments.train import NonFiniteLoss, resolve_device, train
 
     args = _parser().parse_args(argv)
@@ -218,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep" and args.lams is not None and args.lam is not None:
             raise ValueError("--lam and --lams both set TrAct's λ: give one of them")
         fixed = {} if args.command == "train" else {"method": "baseline"}
-        cfg = build_config(args, **fixed)
+        resuming = args.command == "train" and args.resume
+        saved = saved_job(args.out, "train")["config"] if resuming else None
+        cfg = build_config(args, saved, **fixed)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         if args.threads is not None or resolve_device(cfg.device).type == "cpu":
@@ -252,11 +265,18 @@ def main(argv: list[str] | None = None) -> int:
                 config_for_budget=lambda e: build_config(args, method="baseline", epochs=e),
                 progress=progress,
             )
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         kind = "stopped" if isinstance(err, NonFiniteLoss) else "error"
-        print(f"{kind}: {err}", file=sys.stderr)
+        print(f"{kind}: {_message(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _message(err: Exception) -> str:
+    """One line: an OS error as ``path: reason``, anything else as its message."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 def _epoch_line(r: dict) -> str:

@@ -5,7 +5,6 @@ and both state the difference with its uncertainty (:mod:`trainact.experiments.e
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,34 +16,26 @@ from trainact.experiments.evidence import (
     compare_verdict,
     sweep_evidence,
 )
-from trainact.experiments.plot import (
-    mean_std_by,
-    plot_budgets,
-    plot_curves,
-    plot_lams,
-    read_jsonl,
-)
-from trainact.experiments.train import METHODS, Config, load_data, train
+from trainact.experiments.plot import mean_std_by, plot_budgets, plot_curves, plot_lams
+from trainact.experiments.rundir import append_jsonl, claim, read_jsonl, write_json, write_jsonl
+from trainact.experiments.train import METHODS, RESUMABLE_CHANGES, Config, load_data, train
 
 
-def _claim(out: Path, identity: dict) -> bool:
-    """Create ``out`` for this job, or accept it if it holds the same job; True if resuming."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "job.json"
-    if path.exists():
-        if json.loads(path.read_text()) != json.loads(json.dumps(identity)):
-            raise FileExistsError(
-                f"{out} holds results of a different job (see {path}); choose another --out"
-            )
-        return True
-    path.write_text(json.dumps(identity, indent=2))
-    return False
+def _distinct(name: str, values: Sequence[int]) -> list[int]:
+    """``values`` as a list; ValueError when one repeats (it would count one run twice)."""
+    repeated = sorted({v for v in values if list(values).count(v) > 1})
+    if repeated or not values:
+        raise ValueError(
+            f"--{name} must list distinct values, got {list(values)}"
+            + (f" ({', '.join(map(str, repeated))} repeated)" if repeated else "")
+        )
+    return list(values)
 
 
 def _rebuild(path: Path, run_dirs: Sequence[Path], name: str = "results.jsonl") -> list[dict]:
     """The combined log, rebuilt from the runs' own logs (so a resume never duplicates)."""
     records = [r for d in run_dirs if (d / name).exists() for r in read_jsonl(d / name)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     return records
 
 
@@ -62,14 +53,31 @@ def compare(
     accuracy.png (against epochs and against training time).
 
     ``data`` replaces the dataset ``cfg`` names (already loaded, for tests and notebooks).
+    ``out_dir`` is claimed for this comparison; rerun with the same values it resumes.
     """
     out = Path(out_dir)
+    seeds = _distinct("seeds", seeds)
+    for seed in seeds:
+        dataclasses.replace(cfg, seed=seed).validate()
     identity = {
         "config": dataclasses.asdict(dataclasses.replace(cfg, method="*")),
-        "seeds": list(seeds),
+        "seeds": seeds,
     }
-    if _claim(out, identity):
-        log(f"resuming the comparison in {out}")
+    with claim(out, "compare", identity, mutable=RESUMABLE_CHANGES) as resuming:
+        if resuming:
+            log(f"resuming the comparison in {out}")
+        return _compare(cfg, seeds, out, identity, data, progress, log)
+
+
+def _compare(
+    cfg: Config,
+    seeds: list[int],
+    out: Path,
+    identity: dict,
+    data: ImageDataset | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict:
     if data is None:
         data = load_data(cfg, progress)
     log(
@@ -82,8 +90,7 @@ def compare(
     _rebuild(combined, [d for _, _, d in runs])
 
     def append(record: dict) -> None:
-        with combined.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(combined, record)
         log(
             f"{record['method']:>8} seed {record['seed']} epoch {record['epoch']}/{cfg.epochs}: "
             f"train loss {record['train_loss']:.3f}, test acc {100 * record['test_acc']:.2f} %, "
@@ -114,7 +121,7 @@ def compare(
         **evidence,
     }
     summary["verdict"] = compare_verdict(evidence, cfg.epochs)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     plot_curves(records, out / "accuracy.png", f"{cfg.model} on {data.name}, {len(seeds)} seeds")
     final = summary["final"]
     log(
@@ -147,16 +154,35 @@ def sweep(
     """
     out = Path(out_dir)
     make = config_for_budget or (lambda e: dataclasses.replace(cfg, epochs=e))
+    budgets, seeds = _distinct("budgets", budgets), _distinct("seeds", seeds)
+    configs = {e: make(e) for e in budgets}
+    for run_cfg in configs.values():
+        for seed in seeds:
+            dataclasses.replace(run_cfg, seed=seed).validate()
     identity: dict = {
         "config": dataclasses.asdict(dataclasses.replace(cfg, method="*", epochs=0)),
-        "budgets": list(budgets),
-        "seeds": list(seeds),
+        "budgets": budgets,
+        "seeds": seeds,
     }
     if lams is not None:
         lams = validate_lams(lams)
         identity["config"]["lam"] = "*"
         identity["lams"] = list(lams)
-    _claim(out, identity)
+    with claim(out, "sweep", identity, mutable=RESUMABLE_CHANGES):
+        return _sweep(cfg, configs, seeds, lams, out, identity, progress, log)
+
+
+def _sweep(
+    cfg: Config,
+    configs: dict[int, Config],
+    seeds: list[int],
+    lams: tuple[float, ...] | None,
+    out: Path,
+    identity: dict,
+    progress: bool,
+    log: Callable[[str], None],
+) -> list[dict]:
+    budgets = list(configs)
     data = load_data(cfg, progress)
     runs = [
         (e, s, "baseline", None, out / f"baseline-e{e}-seed{s}") for e in budgets for s in seeds
@@ -174,18 +200,17 @@ def sweep(
         if record is not None:
             finals.append(_with_lam(record, lam))
             done.add(run_dir)
-    finals_path.write_text("".join(json.dumps(r) + "\n" for r in finals))
+    write_jsonl(finals_path, finals)
     for epochs, seed, method, lam, run_dir in runs:
         if run_dir in done:
             log(f"skip {run_dir.name}: finished")
             continue
-        run_cfg = dataclasses.replace(make(epochs), method=method, seed=seed)
+        run_cfg = dataclasses.replace(configs[epochs], method=method, seed=seed)
         if lam is not None:
             run_cfg = dataclasses.replace(run_cfg, lam=lam)
         record = train(run_cfg, run_dir, resume=True, data=data, progress=progress)[-1]
         record = _with_lam(record, lam)
-        with finals_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(finals_path, record)
         finals.append(record)
         log(f"{run_dir.name}: test accuracy {100 * record['test_acc']:.2f} %")
     title = f"{cfg.model} on {data.name}"
@@ -193,7 +218,7 @@ def sweep(
     if lams is not None:
         plot_lams(finals, out / "lams.png", title)
     rows = sweep_evidence(finals)
-    (out / "summary.json").write_text(json.dumps({"config": identity, "budgets": rows}, indent=2))
+    write_json(out / "summary.json", {"config": identity, "budgets": rows})
     log(
         f"\n{'budget':>6}  {'variant':>14}  {'baseline':>16}  {'TrAct':>16}  "
         f"{'TrAct - baseline [95% CI]':>26}  verdict"

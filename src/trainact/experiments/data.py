@@ -283,6 +283,7 @@ def _cached(cache_dir: Path, name: str, identity: str, build: Callable[[], _Spli
             )
             path.unlink(missing_ok=True)
     splits = build()
+    _check_splits(splits)
     try:
         _write_cache(path, splits)
     except OSError as err:
@@ -362,13 +363,22 @@ def _decode(blobs: Iterable[bytes], names: Sequence[str], progress: bool, desc: 
                         f"image {name} is {im.size[0]}x{im.size[1]} but {names[0]} is "
                         f"{first_size[0]}x{first_size[1]}: all images must have the same size"
                     )
-                rgb = np.asarray(im.convert("RGB"))
+                rgb = _rgb(im)
         except (OSError, SyntaxError, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot decode image {name}: {err}") from err
         out[i] = rgb.transpose(2, 0, 1)
     if out is None:
         raise ValueError(f"no images to decode for {desc}")
     return out
+
+
+def _rgb(im: Image.Image) -> np.ndarray:
+    """``(H, W, 3)`` uint8 pixels. 16-bit grayscale is scaled to 8 bits: Pillow's own conversion
+    clips it, so that all but the darkest images come out solid white."""
+    if im.mode.startswith("I"):  # I;16, I;16B, I;16L, or I for a 16-bit PNG
+        gray = np.asarray(im).astype(np.float64) / 257
+        return np.repeat(np.round(gray).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
 
 
 def _decode_embedded(blob: bytes, progress: bool) -> _Splits:
@@ -481,13 +491,21 @@ def _read_image_folder(path: Path, progress: bool) -> _Splits:
             f"{sorted(set(test_classes) - set(classes))})"
         )
     index = {cls: i for i, cls in enumerate(classes)}
-    arrays = {}
+    arrays, first = {}, {}
     for split in _SPLITS:
         entries = sorted(files[split], key=lambda e: e[1])
         names = [f"{path}:{name}" if path.is_file() else str(path / name) for _, name, _ in entries]
         blobs = (data for _, _, data in entries)
         arrays[f"{split}_images"] = _decode(blobs, names, progress, f"{path.name} {split}")
         arrays[f"{split}_labels"] = np.array([index[cls] for cls, _, _ in entries], np.int64)
+        first[split] = names[0]
+    train_size, test_size = (arrays[f"{s}_images"].shape[:1:-1] for s in _SPLITS)
+    if train_size != test_size:
+        raise ValueError(
+            f"{path}: test images are {test_size[0]}x{test_size[1]} (e.g. {first['test']}) but "
+            f"train images are {train_size[0]}x{train_size[1]} (e.g. {first['train']}): both "
+            "splits must have the same size"
+        )
     return _Splits(classes=classes, **arrays)
 
 
@@ -578,6 +596,4 @@ def _read_official(
                 )
     except (tarfile.TarError, KeyError, EOFError, OSError, pickle.UnpicklingError) as err:
         raise ValueError(f"cannot parse {path}: {err}") from err
-    splits = _Splits(classes=classes, **arrays)
-    _check_splits(splits)
-    return splits
+    return _Splits(classes=classes, **arrays)

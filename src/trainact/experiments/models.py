@@ -53,7 +53,24 @@ class Bottleneck(nn.Module):
 def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
     if stride == 1 and c_in == c_out:
         return nn.Identity()
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+    return Downsample(c_in, c_out, stride)
+
+
+class Downsample(nn.Sequential):
+    """The projection shortcut: a strided 1×1 convolution and BatchNorm.
+
+    The convolution runs with stride 1 on the subsampled input, which is the same maths: on the
+    channels-last batches that the crop augmentation yields, oneDNN's strided 1×1 kernel in
+    torch 2.13 CPU corrupts the heap at some thread counts (3, for one). Converting the batch to
+    the standard layout would avoid it too, but channels-last is the faster layout on the CPU.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x[:, :, :: self.stride, :: self.stride])
 
 
 class ResNet(nn.Module):

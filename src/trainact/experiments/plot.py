@@ -3,7 +3,6 @@ accuracy against epoch budget (sweep, like the paper's Figure 3), each as mean Â
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean, stdev
@@ -14,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from trainact.experiments.evidence import Difference, compare_evidence, variant  # noqa: E402
+from trainact.experiments.rundir import read_jsonl  # noqa: E402
 
 COLORS = {"baseline": "tab:blue", "tract": "tab:red"}
 LABELS = {"baseline": "baseline", "tract": "TrAct"}
@@ -179,10 +179,6 @@ def plot_finals(directories: list[Path], path: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     return _save(fig, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_dir(directory: Path, x: tuple[str, ...] = X_AXES) -> Path:

@@ -6,14 +6,15 @@
 Baseline and TrAct runs of one seed share the initialization, the data order and the
 augmentation (each drawn from its own generator seeded by the seed and the epoch), so they
 differ by TrAct alone. Every epoch appends a line to ``results.jsonl`` and then saves a
-checkpoint atomically; ``resume`` continues from the checkpoint and ends exactly where an
-uninterrupted run would.
+checkpoint atomically; ``resume`` checks the results against the checkpoint, continues from it
+and ends exactly where an uninterrupted run would. The run directory is claimed and locked for
+the run (:mod:`trainact.experiments.rundir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import trainact
+from trainact.experiments import rundir
 from trainact.experiments.data import ImageDataset, load_dataset
 from trainact.experiments.models import MODEL_NAMES, build_model
 
@@ -71,7 +73,8 @@ class Config:
     eval_batch_size: int = 1000
 
     def validate(self) -> None:
-        """Reject values that would fail late or silently train something else."""
+        """Reject values that would fail late, train with a negative or NaN learning rate, or
+        silently train something else; the message names the option and the bad value."""
         choices = {
             "method": METHODS,
             "optimizer": ("sgd", "adam", "adamw"),
@@ -82,29 +85,65 @@ class Config:
         }
         for field, valid in choices.items():
             if getattr(self, field) not in valid:
-                raise ValueError(f"{field} must be one of {', '.join(valid)}")
+                _reject(field, f"one of {', '.join(valid)}", getattr(self, field))
         for field in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+                _reject(field, "at least 1", getattr(self, field))
         if self.model not in MODEL_NAMES:
             raise ValueError(
                 f"unknown model {self.model!r}; valid models: {', '.join(MODEL_NAMES)}"
             )
-        for field in ("lr", "lam"):
-            if not (getattr(self, field) > 0 and math.isfinite(getattr(self, field))):
-                raise ValueError(f"{field} must be a positive number, got {getattr(self, field)}")
-        for field in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
-            if not getattr(self, field) >= 0:
-                raise ValueError(f"{field} must be at least 0, got {getattr(self, field)}")
+        ranges = {  # field: (lowest, lowest allowed, highest, highest allowed)
+            "lr": (0, False, math.inf, False),
+            "lam": (0, False, math.inf, False),
+            "gamma": (0, False, math.inf, False),
+            "momentum": (0, True, 1, False),
+            "final_lr_fraction": (0, True, 1, True),
+            "label_smoothing": (0, True, 1, True),
+            "weight_decay": (0, True, math.inf, False),
+        }
+        for field, (low, low_ok, high, high_ok) in ranges.items():
+            value = getattr(self, field)
+            if not (
+                (value > low or (low_ok and value == low))
+                and (value < high or (high_ok and value == high))
+            ):
+                _reject(field, _interval(low, low_ok, high, high_ok), value)
+        if not 0 <= self.warmup_epochs < self.epochs:
+            below = f"at least 0 and below --epochs ({self.epochs})"
+            _reject("warmup_epochs", below, self.warmup_epochs)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _reject("seed", "an integer", self.seed)
+        if not 0 <= self.seed <= MAX_SEED:
+            _reject("seed", f"in [0, {MAX_SEED}]", self.seed)
+        for field in ("mean", "std"):
+            value = getattr(self, field)
+            if value is not None and (len(value) != 3 or not all(math.isfinite(v) for v in value)):
+                _reject(field, "three finite numbers", value)
+        if self.std is not None and not all(v > 0 for v in self.std):
+            _reject("std", "positive", self.std)
         if self.input_range != "standardized" and (self.mean is not None or self.std is not None):
             raise ValueError(
-                f"mean and std standardize the inputs: they do not apply to input_range "
+                f"--mean and --std standardize the inputs: they do not apply to --input-range "
                 f"{self.input_range!r}"
             )
         if self.train_subset is not None and self.train_subset < 1:
-            raise ValueError(f"train_subset must be at least 1, got {self.train_subset}")
+            _reject("train_subset", "at least 1", self.train_subset)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for, but torch sees no CUDA device")
+
+
+MAX_SEED = 2**32 - 1
+
+
+def _reject(field: str, requirement: str, value: object) -> None:
+    raise ValueError(f"--{field.replace('_', '-')} must be {requirement}, got {value!r}")
+
+
+def _interval(low: float, low_ok: bool, high: float, high_ok: bool) -> str:
+    if high == math.inf:
+        return f"{'at least' if low_ok else 'greater than'} {low} (and finite)"
+    return f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -218,35 +257,74 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and results: append-only results, atomic checkpoints.
+# Checkpoints and results: results appended per epoch, checkpoints saved atomically; a resume
+# checks one against the other.
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise rundir.named(err, path) from err
+        raise OSError(f"cannot write {path}: {str(err).splitlines()[0]}") from err
 
 
-def _kept_results(path: Path, epochs_done: int) -> list[dict]:
-    """Result lines of finished epochs; lines past the checkpoint (to be redone) are dropped."""
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["epoch"] <= epochs_done]
+def _restore(
+    path: Path,
+    device: torch.device,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> int:
+    """Load model, optimizer and scaler state from the checkpoint; the epochs it has finished."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        return int(state["epoch"])
+    except Exception as err:  # a corrupt pickle raises nearly anything
+        raise ValueError(
+            f"{path} is not a readable checkpoint of this run ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); "
+            "delete it to restart the run from its first epoch"
+        ) from err
+
+
+def _finished_results(path: Path, checkpoint: Path, done: int) -> list[dict]:
+    """The records of the ``done`` epochs the checkpoint has finished, with ``path`` rewritten
+    atomically to hold exactly those (lines past the checkpoint are epochs to redo)."""
+    records = rundir.read_jsonl(path) if path.exists() else []
+    kept = [r for r in records if not (isinstance(r.get("epoch"), int) and r["epoch"] > done)]
+    epochs = [r.get("epoch") for r in kept]
+    if epochs != list(range(1, done + 1)):
+        missing = sorted(set(range(1, done + 1)) - set(epochs))
+        problem = (
+            f"lack epochs {_few(missing)}"
+            if missing
+            else f"hold epochs {_few(epochs)}, not each of 1 to {done} once in order"
+        )
+        raise ValueError(
+            f"{path} does not match {checkpoint}: the checkpoint has finished {done} epochs but "
+            f"the results {problem}; the lost results cannot be rebuilt, start the run afresh "
+            "in another --out"
+        )
+    rundir.write_jsonl(path, kept)
+    return kept
+
+
+def _few(values: list) -> str:
+    """A list shown with at most 8 items."""
+    return "[" + ", ".join(map(str, values[:8])) + (", ...]" if len(values) > 8 else "]")
 
 
 # Knobs that change where a run is computed, not what it computes: a resume may change them.
 RESUMABLE_CHANGES = ("data_dir", "device", "compile", "eval_batch_size")
-
-
-def _changed_fields(saved: dict, current: dict) -> list[str]:
-    """Fields that differ; one the saved run predates (e.g. input_range) counts as its default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    return [
-        k
-        for k in current
-        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current[k]
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,17 +342,34 @@ def train(
 ) -> list[dict]:
     """Train one model; returns one record per epoch (also in ``out_dir/results.jsonl``).
 
+    ``out_dir`` is claimed for this run (see :mod:`trainact.experiments.rundir`); with
+    ``resume`` a run already there continues from its checkpoint (only the fields in
+    :data:`RESUMABLE_CHANGES` may differ), and an empty or new directory starts afresh.
+
     Raises:
-        FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
-        ValueError: resuming a run of another configuration.
+        FileExistsError: ``out_dir`` holds a run and ``resume`` is False, belongs to another
+            job, or is in use by another process.
+        ValueError: a bad knob; resuming a run of another configuration (each field named);
+            results or checkpoint that are corrupt or disagree (the file named).
+        OSError: a file cannot be written (the path named).
         NonFiniteLoss: the loss became NaN or infinite (results so far are kept).
     """
     cfg.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    identity = {"config": dataclasses.asdict(cfg)}
+    with rundir.claim(out, "train", identity, resume=resume, mutable=RESUMABLE_CHANGES):
+        return _run(cfg, out, data, on_epoch, progress)
+
+
+def _run(
+    cfg: Config,
+    out: Path,
+    data: ImageDataset | None,
+    on_epoch: Callable[[dict], None] | None,
+    progress: bool,
+) -> list[dict]:
+    """The run in a claimed directory: set up, restore the checkpoint if any, train."""
     results_path, ckpt_path = out / "results.jsonl", out / "checkpoint.pt"
-    if not resume and (results_path.exists() or ckpt_path.exists()):
-        raise FileExistsError(f"{out} already holds a run: pass resume or choose another dir")
     device = resolve_device(cfg.device)
 
     # data, held on the device as uint8
@@ -300,24 +395,10 @@ def train(
 
     forward = torch.compile(model) if cfg.compile else model
 
-    records, start_epoch = [], 0
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        changed = _changed_fields(state["config"], dataclasses.asdict(cfg))
-        if changed:
-            raise ValueError(
-                f"{out} holds a run of another configuration ({', '.join(changed)} differ); "
-                "resume with the same options or choose another dir"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"]
-        records = _kept_results(results_path, start_epoch)
-        results_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    elif results_path.exists():
-        results_path.unlink()  # resume without a checkpoint: no finished epoch to keep
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    start_epoch = 0
+    if ckpt_path.exists():
+        start_epoch = _restore(ckpt_path, device, model, optimizer, scaler)
+    records = _finished_results(results_path, ckpt_path, start_epoch)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
@@ -365,8 +446,7 @@ def train(
             "seconds": time.perf_counter() - started,
         }
         records.append(record)
-        with results_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        rundir.append_jsonl(results_path, record)
         _atomic_save(
             {
                 "model": model.state_dict(),

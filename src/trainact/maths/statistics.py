@@ -55,7 +55,7 @@ class PatchStatistics:
         """
         cols = centered.shape[-1]
         s = shift.to(torch.float64)
-        total = centered.sum(-1, dtype=torch.float64)  # Σy: small, but summed in float64
+        total = centered.sum(-1).to(torch.float64)  # Σy: small (centered), so its sum is accurate
         cross = s.unsqueeze(-1) * total.unsqueeze(-2)
         gram = self.gram
         gram.add_(torch.bmm(centered, centered.mT).to(torch.float64))

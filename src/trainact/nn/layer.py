@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from trainact import distributed
 from trainact.maths import PatchStatistics
@@ -159,10 +160,11 @@ class PreconditionWeight(torch.autograd.Function):
         return stats.precondition(grad, state.lam), None, None, None, None
 
 
-#: Largest input variance / λ for which the default statistics run their GEMM in float32.
-#: Float32 sums lose about 1e-7 of the patches' variance, and the solve amplifies that by up
-#: to variance/λ (raw [0, 255] pixels: 3e4, errors of 1e-3 to 1e-1; standardized: 10, ≈ 3e-6;
-#: measured by benchmarks/accuracy.py): beyond this ratio the GEMM runs in float64.
+#: Largest spread / λ (mean square of the centered patch entries over λ) for which the default
+#: statistics run their GEMM in float32, for d ≤ 1024 (scaled down as 1024/d beyond). Float32
+#: sums lose about 1e-7 of the spread, and the solve amplifies that by up to spread/λ (raw
+#: [0, 255] pixels: 3e4, errors of 1e-3 to 1e-1; standardized: 10, ≈ 3e-6 at d = 27 and 8e-6
+#: at d = 768; 2.5e-5 at ratio 29 and d = 768; benchmarks/accuracy.py): beyond it, float64.
 FLOAT32_MAX_RATIO = 30.0
 
 
@@ -174,29 +176,32 @@ def patch_statistics(
     stats = PatchStatistics.zeros(adapter.groups, adapter.dim, x.device)
     n = adapter.num_patches(x)
     if n > 0:
-        var, mean = adapter.moments(x)
-        dtype = gemm_dtype(state, weight, x, var, n < adapter.dim)
-        shift = mean.to(dtype)
-        for chunk in adapter.chunks(x, dtype, shift):
+        spread, mean = adapter.moments(x)
+        dtype = gemm_dtype(state, weight, x, spread, n, adapter.dim)
+        mean = mean.to(dtype)  # the shift, exactly as the chunks subtract it
+        shift = adapter.expand(mean)
+        for chunk in adapter.chunks(x, dtype, mean):
             stats.add_chunk(chunk, shift)
     return stats
 
 
 def gemm_dtype(
-    state: TrActState, weight: Tensor, x: Tensor, var: Tensor, few_patches: bool
+    state: TrActState, weight: Tensor, x: Tensor, spread: Tensor, n: int, dim: int
 ) -> torch.dtype:
     """The XᵀX GEMM's dtype: as asked, else float64 for float64 layers, for n < d (then the
     GEMM costs less than the d×d solve), on accelerators (no host synchronization to decide;
     float64 GEMMs on data-centre GPUs cost about what float32 ones do, and TF32 never
     applies) and under torch.compile (no data-dependent branch); on the CPU, float32 where the
-    input's variance/λ allows (:data:`FLOAT32_MAX_RATIO`), float64 otherwise."""
+    centered patches' mean square (``spread``, per entry) over λ allows it
+    (:data:`FLOAT32_MAX_RATIO`), float64 otherwise."""
     if state.statistics_dtype is not None:
         return state.statistics_dtype
-    if weight.dtype == torch.float64 or few_patches:
+    if weight.dtype == torch.float64 or n < dim:
         return torch.float64
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.float64
-    return torch.float32 if var.max() <= FLOAT32_MAX_RATIO * state.lam else torch.float64
+    limit = FLOAT32_MAX_RATIO * min(1.0, 1024 / dim) * state.lam
+    return torch.float32 if spread.max() <= limit else torch.float64
 
 
 def tract_forward(layer: nn.Module, state: TrActState, input: Tensor) -> Tensor:
@@ -257,14 +262,34 @@ class TrActLayer(nn.Module):
 
 
 _CLASSES: dict[type[nn.Module], type[TrActLayer]] = {}
+# A parametrized layer's class (parametrize's ``Parametrized<Layer>``, holding the properties)
+# -> the same class rebuilt on top of ``TrAct<Layer>``, and back.
+_UNDER_PARAMETRIZE: dict[type[nn.Module], type[nn.Module]] = {}
+_PARAMETRIZED_ORIGINAL: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 def _tract_class(base: type[nn.Module]) -> type[TrActLayer]:
     cls = _CLASSES.get(base)
     if cls is None:
-        cls = type(f"TrAct{base.__name__}", (TrActLayer, base), {"_trainact_base": base})
+        # The base's module: torch.fx keeps torch.nn layers as leaves (call_module), so tracing
+        # a model with TrAct (feature extractors, quantization) keeps the TrAct layer whole.
+        namespace = {"_trainact_base": base, "__module__": base.__module__}
+        cls = type(f"TrAct{base.__name__}", (TrActLayer, base), namespace)
         _CLASSES[base] = cls
     return cls
+
+
+def _tract_under_parametrize(cls: type[nn.Module]) -> type[nn.Module]:
+    """``Parametrized<Layer>`` rebuilt as ``Parametrized<TrAct<Layer>>``: TrAct goes under
+    parametrize's class, so that ``remove_parametrizations`` (which deletes the property from
+    the class and falls back to its first base) leaves ``TrAct<Layer>`` behind."""
+    rebuilt = _UNDER_PARAMETRIZE.get(cls)
+    if rebuilt is None:
+        tract = _tract_class(cls.__bases__[0])
+        namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        rebuilt = type(f"Parametrized{tract.__name__}", (tract,), namespace)
+        _UNDER_PARAMETRIZE[cls], _PARAMETRIZED_ORIGINAL[rebuilt] = rebuilt, cls
+    return rebuilt
 
 
 def _rebuild(base: type[nn.Module]) -> nn.Module:
@@ -278,10 +303,25 @@ def state_of(module: nn.Module) -> TrActState | None:
     return module.__dict__.get(STATE)
 
 
+def plain_class(layer: nn.Module) -> type[nn.Module]:
+    """The layer class whose forward TrAct keeps (the class under any TrAct class, e.g. one
+    that :func:`disable` had to leave behind)."""
+    return layer._trainact_base if isinstance(layer, TrActLayer) else type(layer)
+
+
 def enable(layer: nn.Module, state: TrActState) -> None:
     """Swap the layer's class for its TrAct subclass and attach ``state``."""
+    cls = type(layer)
     layer.__dict__[STATE] = state
-    layer.__class__ = _tract_class(type(layer))
+    if isinstance(layer, TrActLayer):  # a TrAct class is still there (see disable): reuse it
+        return
+    if (
+        parametrize.is_parametrized(layer)
+        and cls.__name__ == f"Parametrized{cls.__bases__[0].__name__}"
+    ):
+        layer.__class__ = _tract_under_parametrize(cls)
+    else:
+        layer.__class__ = _tract_class(cls)
 
 
 def disable(layer: nn.Module) -> None:
@@ -292,5 +332,8 @@ def disable(layer: nn.Module) -> None:
     """
     del layer.__dict__[STATE]
     steps.unmark_pending(layer)
-    if type(layer) in _CLASSES.values():
-        layer.__class__ = type(layer)._trainact_base
+    cls = type(layer)
+    if cls in _PARAMETRIZED_ORIGINAL:
+        layer.__class__ = _PARAMETRIZED_ORIGINAL[cls]
+    elif cls in _CLASSES.values():
+        layer.__class__ = cls._trainact_base

@@ -105,7 +105,7 @@ def _finish(optimizer: torch.optim.Optimizer) -> None:
         return
     updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for layer in list(_pending):
-        if any(id(p) in updated for p in layer.parameters()):
+        if id(layer._parameters.get("weight")) in updated:
             raise RuntimeError(
                 f"TrAct (defer=True) on {type(layer).__name__}: optimizer.step() would use a "
                 "gradient that trainact.precondition_(model) never preconditioned. Call it "
