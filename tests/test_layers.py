@@ -161,9 +161,9 @@ def test_bounded_chunks_are_exact(monkeypatch, layer, shape, dtype):
     seen: list[int] = []
     original = PatchStatistics.add_chunk
 
-    def recording(self, centered, shift):
+    def recording(self, centered, shift, total=None):
         seen.append(centered.numel() * centered.element_size())
-        return original(self, centered, shift)
+        return original(self, centered, shift, total)
 
     monkeypatch.setattr(PatchStatistics, "add_chunk", recording)
     monkeypatch.setattr(adapters, "CHUNK_BYTES", 4 * 4 * 40)  # about 40 rows of d=4

@@ -45,17 +45,21 @@ class PatchStatistics:
         """n, a 0-dim view into :attr:`data`."""
         return self.data[-1]
 
-    def add_chunk(self, centered: Tensor, shift: Tensor) -> None:
+    def add_chunk(self, centered: Tensor, shift: Tensor, total: Tensor | None = None) -> None:
         """Add the patches ``centered + shift``.
 
         Args:
             centered: ``(groups, d, cols)``, one patch per column, already minus ``shift``; its
                 dtype (float32 or float64) is the one the GEMM runs in.
             shift: ``(groups, d)``, exactly what was subtracted (in ``centered``'s dtype).
+            total: Σy over the chunk's columns, ``(groups, d)``, where the caller has it
+                cheaply; else summed here.
         """
         cols = centered.shape[-1]
         s = shift.to(torch.float64)
-        total = centered.sum(-1).to(torch.float64)  # Σy: small (centered), so its sum is accurate
+        if total is None:
+            total = centered.sum(-1)
+        total = total.to(torch.float64)  # Σy: small (centered), so its float32 sum is accurate
         cross = s.unsqueeze(-1) * total.unsqueeze(-2)
         gram = self.gram
         gram.add_(torch.bmm(centered, centered.mT).to(torch.float64))

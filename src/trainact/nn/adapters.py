@@ -29,6 +29,10 @@ def chunk_bytes(device: torch.device) -> int:
     return CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
 
 
+#: A centered ``(groups, d, cols)`` chunk and its column sums ``(groups, d)``, or None where
+#: :meth:`PatchStatistics.add_chunk` should compute them.
+Chunk = tuple[Tensor, "Tensor | None"]
+
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -68,12 +72,12 @@ class LinearAdapter:
         """A per-feature vector as the ``(groups, d)`` value of each patch entry."""
         return per_feature.unsqueeze(0)
 
-    def chunks(self, input: Tensor, dtype: torch.dtype, mean: Tensor) -> Iterator[Tensor]:
-        """``(1, d, cols)`` chunks of the rows minus ``mean``, in ``dtype``."""
+    def chunks(self, input: Tensor, dtype: torch.dtype, mean: Tensor) -> Iterator[Chunk]:
+        """``(1, d, cols)`` chunks of the rows minus ``mean``, in ``dtype`` (sums not known)."""
         rows = input.reshape(-1, self.dim)
         step = max(1, chunk_bytes(rows.device) // (self.dim * dtype.itemsize))
         for start in range(0, rows.shape[0], step):
-            yield (rows[start : start + step].to(dtype) - mean).mT.unsqueeze(0)
+            yield (rows[start : start + step].to(dtype) - mean).mT.unsqueeze(0), None
 
 
 class ConvAdapter:
@@ -131,10 +135,11 @@ class ConvAdapter:
         per_entry = per_channel.view(self.groups, -1, 1).expand(-1, -1, kernel)
         return per_entry.reshape(self.groups, -1)
 
-    def chunks(self, input: Tensor, dtype: torch.dtype, mean: Tensor) -> Iterator[Tensor]:
+    def chunks(self, input: Tensor, dtype: torch.dtype, mean: Tensor) -> Iterator[Chunk]:
         """``(groups, d, cols)`` chunks of the patches of the (padded) input minus its channel
-        ``mean``, in ``dtype``. Padding comes first, so a zero pad becomes −mean like any zero
-        entry: every patch entry is shifted by the same constant."""
+        ``mean``, in ``dtype``, with their column sums where they come cheaply. Padding comes
+        first, so a zero pad becomes −mean like any zero entry: every patch entry is shifted by
+        the same constant."""
         layer, n_sp = self.layer, self.spatial
         if input.dim() == n_sp + 1:  # unbatched input, as the conv layers accept
             input = input.unsqueeze(0)
@@ -153,26 +158,33 @@ class ConvAdapter:
             # input-sized passes (channels-last made contiguous: the patch copy below then runs
             # along the last dimension); the patches themselves are copied once, below
             x = (x.to(dtype) - mean).contiguous()
-            # (b, C, *S) -> (b, g, C/g, *S) -> unfold each spatial dim: (b, g, C/g, *out, *span)
-            v = x.unflatten(1, (self.groups, -1))
-            for i in range(n_sp):
-                span = layer.dilation[i] * (layer.kernel_size[i] - 1) + 1
-                v = v.unfold(3 + i, span, layer.stride[i])
-            if any(d > 1 for d in layer.dilation):
-                v = v[(..., *(slice(None, None, d) for d in layer.dilation))]
-            # -> (g, C/g, *kernel, b, *out): a patch per column, its rows ordered as
-            # weight[o].flatten(); the copy runs along the input's contiguous last dimension.
-            order = [1, 2, *range(3 + n_sp, 3 + 2 * n_sp), 0, *range(3, 3 + n_sp)]
-            v = v.permute(order)
+            v = self._patches(x)
             if batch_step > 1 or per_sample <= rows_budget:
-                yield v.reshape(self.groups, self.dim, -1)
+                # Patch sums are linear: those of the batch-summed input, from an input-sized
+                # pass instead of a pass over the (kernel-volume times larger) patches.
+                sums = self._patches(x.sum(0, keepdim=True)).sum([*range(2 + n_sp, v.dim())])
+                yield v.reshape(self.groups, self.dim, -1), sums.reshape(self.groups, self.dim)
                 continue
             # One sample is larger than the budget: split it along its first output dimension.
             first_out = 3 + n_sp
             row_step = max(1, rows_budget // (per_sample // v.shape[first_out]))
             for r in range(0, v.shape[first_out], row_step):
                 part = v.narrow(first_out, r, min(row_step, v.shape[first_out] - r))
-                yield part.reshape(self.groups, self.dim, -1)
+                yield part.reshape(self.groups, self.dim, -1), None
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """The patches of a padded input as a strided view ``(g, C/g, *kernel, b, *out)``: a
+        patch per column, its rows ordered as ``weight[o].flatten()``; copying it out runs along
+        the input's contiguous last dimension."""
+        layer, n_sp = self.layer, self.spatial
+        # (b, C, *S) -> (b, g, C/g, *S) -> unfold each spatial dim: (b, g, C/g, *out, *span)
+        v = x.unflatten(1, (self.groups, -1))
+        for i in range(n_sp):
+            span = layer.dilation[i] * (layer.kernel_size[i] - 1) + 1
+            v = v.unfold(3 + i, span, layer.stride[i])
+        if any(d > 1 for d in layer.dilation):
+            v = v[(..., *(slice(None, None, d) for d in layer.dilation))]
+        return v.permute([1, 2, *range(3 + n_sp, 3 + 2 * n_sp), 0, *range(3, 3 + n_sp)])
 
 
 def _var_mean(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:

@@ -180,8 +180,8 @@ def patch_statistics(
         dtype = gemm_dtype(state, weight, x, spread, n, adapter.dim)
         mean = mean.to(dtype)  # the shift, exactly as the chunks subtract it
         shift = adapter.expand(mean)
-        for chunk in adapter.chunks(x, dtype, mean):
-            stats.add_chunk(chunk, shift)
+        for chunk, total in adapter.chunks(x, dtype, mean):
+            stats.add_chunk(chunk, shift, total)
     return stats
 
 
