@@ -24,6 +24,20 @@ import trainact  # noqa: E402
 from trainact.testing import reference_tract_grad, relative_error  # noqa: E402
 
 
+def tract_error(layer: nn.Module, x: torch.Tensor, lam: float = 0.1) -> float:
+    """Relative error of TrAct's gradient on ``layer`` (a plain copy gives G) against the float64
+    reference; asserts it is finite."""
+    plain = copy.deepcopy(layer)
+    tract = trainact.TrAct(layer, l=lam)
+    out = plain(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    tract(x).backward(grad_out)
+    assert tract.weight.grad.isfinite().all()
+    expected = reference_tract_grad(tract, x, plain.weight.grad, lam)
+    return relative_error(tract.weight.grad, expected)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> torch.Tensor:
     return accuracy.photos(256, str(tmp_path_factory.mktemp("cifar-cache")))
@@ -65,16 +79,8 @@ def test_any_stem_at_any_scale_is_finite_and_accurate(
     transform, target = SCALES[scale]
     x = transform(images[start : start + batch])
     torch.manual_seed(seed)
-    plain = nn.Conv2d(3, 8, kernel, stride=stride, padding=min(padding, kernel - 1))
-    tract = trainact.TrAct(nn.Conv2d(3, 8, kernel, stride=stride, padding=plain.padding), l=lam)
-    tract.load_state_dict(plain.state_dict())
-    out = plain(x)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    tract(x).backward(grad_out)
-    assert tract.weight.grad.isfinite().all()
-    expected = reference_tract_grad(tract, x, plain.weight.grad, lam)
-    assert relative_error(tract.weight.grad, expected) <= target
+    layer = nn.Conv2d(3, 8, kernel, stride=stride, padding=min(padding, kernel - 1))
+    assert tract_error(layer, x, lam) <= target
 
 
 def test_over_exposed_smooth_photos_no_longer_give_nan(images):
@@ -117,14 +123,7 @@ def test_zero_padding_of_large_mean_inputs_is_accurate(layer, x):
     """Zero padding puts centered entries at −mean: a large mean with a small variance must not
     pick the float32 product (it gave 0.22 and NaN)."""
     torch.manual_seed(0)
-    tract = trainact.TrAct(layer)
-    plain = trainact.remove(copy.deepcopy(layer))
-    out = plain(x)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    tract(x).backward(grad_out)
-    expected = reference_tract_grad(tract, x, plain.weight.grad, 0.1)
-    assert relative_error(tract.weight.grad, expected) <= 1e-5
+    assert tract_error(layer, x) <= 1e-5
 
 
 def test_linear_moments_do_not_alias_with_token_positions():
@@ -132,12 +131,4 @@ def test_linear_moments_do_not_alias_with_token_positions():
     torch.manual_seed(0)
     x = torch.zeros(2048, 4, 48)
     x[:, 1::2] = 200 + 50 * torch.rand(2048, 2, 1) + torch.rand(2048, 2, 48)  # smooth rows
-    plain = nn.Linear(48, 8)
-    tract = trainact.TrAct(nn.Linear(48, 8))
-    tract.load_state_dict(plain.state_dict())
-    out = plain(x)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    tract(x).backward(grad_out)
-    expected = reference_tract_grad(tract, x, plain.weight.grad, 0.1)
-    assert relative_error(tract.weight.grad, expected) <= 2e-3
+    assert tract_error(nn.Linear(48, 8), x) <= 2e-3

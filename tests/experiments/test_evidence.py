@@ -23,15 +23,6 @@ from trainact.experiments.evidence import (
 from trainact.experiments.plot import curve_points
 from trainact.experiments.rundir import saved_job
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Student's t and paired differences
 
