@@ -67,6 +67,19 @@ def ref(steps, **kwargs):
     return reference(make_net(0), x, y, steps, lr=LR, momentum=MOMENTUM, **kwargs)
 
 
+def tiny_vit_config(**kwargs) -> transformers.ViTConfig:
+    """A ViT of 6×6 images in 3×3 patches, one layer of width 8: a real model in milliseconds."""
+    return transformers.ViTConfig(
+        image_size=6,
+        patch_size=3,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        **kwargs,
+    )
+
+
 def stem(model: Classifier) -> torch.Tensor:
     return model.net[0].weight.detach()
 
@@ -173,16 +186,7 @@ def test_model_init_gets_tract(tmp_path):
 
 
 def test_untraceable_model_without_a_layer_is_refused(tmp_path):
-    model = transformers.ViTForImageClassification(
-        transformers.ViTConfig(
-            image_size=6,
-            patch_size=3,
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=16,
-        )
-    )
+    model = transformers.ViTForImageClassification(tiny_vit_config())
     with pytest.raises(ValueError, match="example_inputs"):
         TrActTrainer(model=model, args=arguments(tmp_path, 1), train_dataset=dataset())
     assert not trainact.is_enabled(model)
@@ -222,15 +226,7 @@ def test_ema_with_averaged_model(tmp_path):
 def test_vit_from_a_small_config(tmp_path):
     """A real PreTrainedModel (its loss takes the Trainer's loss kwargs), float32: 4 micro-batches
     train its patch embedding like one batch of 4x; without TrAct the weights differ."""
-    config = transformers.ViTConfig(
-        image_size=6,
-        patch_size=3,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        num_labels=3,
-    )
+    config = tiny_vit_config(num_labels=3)
     x, y = make_data()
     data = [{"pixel_values": xi.float() + 1, "labels": yi} for xi, yi in zip(x, y, strict=True)]
     layer = "vit.embeddings.patch_embeddings.projection"
