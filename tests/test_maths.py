@@ -1,12 +1,17 @@
-"""The maths in float64: the solve (Lemma 1, λ → ∞, n = 0, non-finite input) and the statistics."""
+"""The maths in float64: the solve (Lemma 1, λ → ∞, n = 0, non-finite input, tiny λ), the
+statistics (centered chunks, the split float32 product) and the n×n form."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainact.maths import PatchStatistics, precondition
+from trainact.maths.rows import row_factor, transform_output_grad
+from trainact.maths.solve import cholesky_finite
+from trainact.maths.statistics import SPLIT_BITS, SPLIT_BLOCK, SplitSums, split_quantum
 
 F64 = torch.float64
 
@@ -140,3 +145,103 @@ def test_result_keeps_the_gradient_dtype():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         out = precondition(g.to(dtype), (x.mT @ x).float(), torch.tensor(8.0), 0.1)
         assert out.dtype == dtype
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    groups=st.integers(1, 2),
+    d=st.integers(1, 10),
+    cols=st.lists(st.integers(1, 3000), min_size=1, max_size=3),
+    offset=st.sampled_from([0.0, 1.0, 230.0]),
+    scale=st.sampled_from([1e-3, 1.0, 255.0]),
+)
+def test_split_product_is_accurate_without_float64(seed, groups, d, cols, offset, scale):
+    """Σ yyᵀ from float32 alone (exact 7-bit part + float32 rest) to float64 accuracy of the
+    inputs, over several chunks, for features of very different scales."""
+    gen = torch.Generator().manual_seed(seed)
+    feature_scale = scale * torch.rand(groups, d, 1, generator=gen) ** 4
+    chunks = [
+        (offset + feature_scale * torch.randn(groups, d, c, generator=gen)).float() for c in cols
+    ]
+    shift = torch.full((groups, d), offset)
+    centered = [c - shift.unsqueeze(-1) for c in chunks]
+    largest = torch.cat(centered, -1).abs().amax(-1)
+    sums = SplitSums(split_quantum(largest), torch.int64)
+    for chunk in centered:
+        sums.add(chunk)
+    stats = PatchStatistics.zeros(groups, d, torch.device("cpu"))
+    sums.add_to(stats, shift)
+    x = torch.cat(chunks, -1).double()
+    exact = x @ x.mT
+    tol = 1e-9 * exact.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None]
+    assert ((stats.gram - exact).abs() <= tol).all()
+    assert stats.count.item() == sum(cols)
+
+
+def test_split_product_exact_part_is_exact_and_small_enough_for_tf32():
+    """The integer part k of each entry has at most 8 significant bits (|k| ≤ 128), so TF32
+    (11 bits) and bfloat16 (8 bits) hold it exactly, and a block's Σ kk fits float32's 24 bits."""
+    gen = torch.Generator().manual_seed(0)
+    y = 255 * torch.rand(1, 6, 5000, generator=gen) - 120
+    q = split_quantum(y.abs().amax(-1))
+    k = torch.round(y / q.unsqueeze(-1))
+    assert k.abs().max() <= 2**SPLIT_BITS
+    assert torch.equal(k.to(torch.bfloat16).float(), k)
+    assert SPLIT_BLOCK * 4**SPLIT_BITS <= 2**24
+
+
+def test_split_quantum_keeps_non_finite_input_non_finite():
+    q = split_quantum(torch.tensor([[1.0, float("inf"), float("nan"), 0.0]]))
+    assert q[0, 0] == 2**-7 and not q[0, 1:3].isfinite().any() and q[0, 3] > 0
+
+
+@pytest.mark.parametrize("lam", [1e-12, 1e-9, 1e-6])
+def test_tiny_lambda_on_rank_deficient_statistics_is_finite(lam):
+    """Rounding of S can make S/n + λI indefinite for λ far below it: the solve still gives a
+    finite result (it used to give NaN), and an accurate one where λ is not that small."""
+    gen = torch.Generator().manual_seed(0)
+    x = 200 + torch.randn(1, 40, 3, generator=gen) @ torch.randn(3, 30, generator=gen)
+    x = x.double()
+    g = torch.randn(1, 4, 30, generator=gen, dtype=F64) @ (x[0].T @ x[0])  # in the row space
+    gram = x.mT @ x
+    out = precondition(g, gram, torch.tensor(40.0, dtype=F64), lam)
+    assert out.isfinite().all()
+    factor, info = torch.linalg.cholesky_ex(gram / 40 + lam * torch.eye(30, dtype=F64))
+    if info.item() == 0:  # where plain Cholesky works, the result is the plain one
+        expected = torch.cholesky_solve(g.mT, factor).mT
+        torch.testing.assert_close(out, expected)
+
+
+def test_cholesky_finite_matches_cholesky_where_it_succeeds():
+    a = torch.tensor([[[4.0, 1.0], [1.0, 3.0]], [[1.0, 2.0], [2.0, 4.0 - 1e-14]]], dtype=F64)
+    factor = cholesky_finite(a)
+    torch.testing.assert_close(factor[0], torch.linalg.cholesky(a[0]))
+    # indefinite by rounding: factored with a raised diagonal (a true factor of nearly ``a``)
+    torch.testing.assert_close(factor[1] @ factor[1].T, a[1], rtol=0, atol=1e-6)
+    bad = a.clone()
+    bad[0, 0, 0] = float("inf")
+    assert cholesky_finite(bad)[0].isnan().all() and cholesky_finite(bad)[1].isfinite().all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    groups=st.integers(1, 3),
+    out=st.integers(1, 5),
+    n=st.integers(1, 8),
+    extra=st.integers(1, 10),
+    lam=st.floats(1e-3, 10.0),
+    offset=st.sampled_from([0.0, 50.0]),
+)
+def test_row_form_equals_the_gram_form(seed, groups, out, n, extra, lam, offset):
+    """Dᵀ·(XXᵀ/n + λI)⁻¹·X = Dᵀ·X·(XᵀX/n + λI)⁻¹ (push-through), with D ↦ (XXᵀ/(nλ) + I)⁻¹·D
+    and the product divided by λ."""
+    gen = torch.Generator().manual_seed(seed)
+    d = n + extra
+    x = offset + torch.randn(groups, n, d, generator=gen, dtype=F64)
+    grad_out = torch.randn(groups, n, out, generator=gen, dtype=F64)
+    factor = row_factor(x, lam, host=False)
+    rows = transform_output_grad(grad_out, factor).mT @ x / lam
+    gram = precondition(grad_out.mT @ x, x.mT @ x, torch.tensor(float(n), dtype=F64), lam)
+    torch.testing.assert_close(rows, gram, rtol=1e-7, atol=1e-9 * gram.abs().max().item())

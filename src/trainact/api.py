@@ -79,15 +79,16 @@ def _enable(
         raise TypeError(f"TrAct supports real weights only; {label} has a {weight.dtype} weight")
     if defer:
         tract_layer.deferrable_weight(layer)
-    state = tract_layer.TrActState(lam, statistics_dtype, process_group, defer)
+    state = tract_layer.TrActState(lam, statistics_dtype, process_group, defer, label)
     tract_layer.enable(layer, state)
     logger.info(
-        "TrAct enabled on %s (%s): lambda=%g, weight %s, statistics: %s; world size %d%s",
+        "TrAct enabled on %s (%s): lambda=%g, weight %s, statistics_dtype %s; world size %d%s "
+        "(the device's precision policy is logged at the first training step)",
         name or "<model>",
-        type(layer).__name__,
+        tract_layer.plain_class(layer).__name__,
         lam,
         weight.dtype,
-        state.describe_statistics(weight),
+        statistics_dtype,
         distributed.world_size(process_group),
         ", deferred" if defer else "",
     )

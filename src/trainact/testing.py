@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from trainact.api import remove
 
-__all__ = ["reference_patches", "reference_tract_grad", "relative_error"]
+__all__ = ["exact_tract_grad", "reference_patches", "reference_tract_grad", "relative_error"]
 
 
 def reference_patches(layer: nn.Module, x: Tensor) -> Tensor:
@@ -47,6 +47,17 @@ def reference_tract_grad(layer: nn.Module, x: Tensor, plain_grad: Tensor, lam: f
     a = patches.mT @ patches / max(n, 1) + lam * eye
     g = plain_grad.double().reshape(groups, -1, d)
     return (g @ torch.linalg.inv(a)).reshape(plain_grad.shape)
+
+
+def exact_tract_grad(layer: nn.Module, x: Tensor, grad_output: Tensor, lam: float) -> Tensor:
+    """TrAct's gradient in exact arithmetic, to float64 accuracy: G = ∂L/∂zᵀ·X computed in
+    float64 from ``x`` and the output gradient, then preconditioned by
+    :func:`reference_tract_grad`. For n < d this is the reference to use: the map applied to a
+    rounded G also multiplies G's rounding outside the span of X's rows by 1/λ."""
+    plain = remove(copy.deepcopy(layer)).double()
+    plain.zero_grad(set_to_none=True)
+    plain(x.double()).backward(grad_output.double())
+    return reference_tract_grad(layer, x, plain.weight.grad, lam)
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:

@@ -1,10 +1,12 @@
-"""One adapter per layer family: how a layer sees its input as patches, and its forward.
+"""One adapter per layer family: how a layer sees its input as patches.
 
-Every adapter answers the same questions (the kfac-pytorch pattern): the layer's forward with a
-given weight tensor, the patch geometry (groups, d per group, n for an input), and the patches
-themselves as a stream of bounded ``(groups, d, cols)`` chunks (patches as columns, see
-:mod:`trainact.maths.statistics`), taken exactly as the layer's
-forward sees its input (after its padding mode, with its stride, dilation and groups).
+Every adapter answers the same questions (the kfac-pytorch pattern): the patch geometry (groups,
+d per group, n for an input), the input's per-channel moments, and the patches themselves as a
+stream of bounded ``(groups, d, cols)`` chunks (patches as columns, see
+:mod:`trainact.maths.statistics`) or, for n < d, as rows, taken exactly as the layer's forward
+sees its input (after its padding mode, with its stride, dilation and groups). An adapter holds
+the geometry only (plain numbers), so that it can be rebuilt from :meth:`spec` (the
+compile-time custom op of :mod:`trainact.nn.statistics` does).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Largest patch chunk held at once, in bytes of the statistics dtype (bounds the extra memory).
-#: On the CPU a chunk that stays in cache between its copy and its GEMM is fastest (measured:
+#: On the CPU a chunk that stays in cache between its copy and its product is fastest (measured:
 #: 2 to 4 MiB beat 16 MiB by ~7% of TrAct's cost on an ImageNet stem); accelerators prefer fewer,
 #: larger chunks (fewer kernel launches).
 CHUNK_BYTES = 4 * 2**20
@@ -39,34 +41,28 @@ SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d,
 class LinearAdapter:
     """``nn.Linear`` on inputs of any number of leading dimensions: one patch per row."""
 
-    def __init__(self, layer: nn.Linear) -> None:
-        self.layer = layer
+    groups = 1
 
-    @property
-    def groups(self) -> int:
-        return 1
+    def __init__(self, in_features: int) -> None:
+        self.dim = in_features
 
-    @property
-    def dim(self) -> int:
-        return self.layer.in_features
-
-    def forward(self, input: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(input, weight, self.layer.bias)
+    def spec(self) -> tuple[list[int], str]:
+        return [0, self.dim], ""
 
     def num_patches(self, input: Tensor) -> int:
         return input.numel() // self.dim if input.dim() > 0 else 0
 
     def moments(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        """The mean of each input feature and the mean square of each centered feature,
-        ``(d,)`` float32 each (input non-empty). The mean is exact (a GEMV); the spread, which
-        only picks the GEMM dtype, comes from at most 4096 rows spread by a multiplicative hash
-        (evenly spaced rows would alias with the tokens of a sequence)."""
+        """The mean of each input feature and the mean square of each centered feature over
+        every row, ``(d,)`` float32 each (input non-empty)."""
         rows = input.reshape(-1, self.dim)
-        count = rows.shape[0]
-        mean = (rows.mT @ rows.new_ones(count)).float() / count
-        picked = torch.arange(min(count, 4096), device=rows.device) * 2654435761 % count
-        spread = (rows[picked].float() - mean).square().mean(0)
-        return spread, mean
+        return _var_mean(rows, [0])
+
+    def largest(self, input: Tensor, mean: Tensor) -> Tensor:
+        """The largest |x − mean| of each feature, ``(d,)`` float32."""
+        rows = input.reshape(-1, self.dim)
+        high = rows.amax(0).float() - mean
+        return torch.maximum(high, mean - rows.amin(0).float())
 
     def expand(self, per_feature: Tensor) -> Tensor:
         """A per-feature vector as the ``(groups, d)`` value of each patch entry."""
@@ -79,123 +75,194 @@ class LinearAdapter:
         for start in range(0, rows.shape[0], step):
             yield (rows[start : start + step].to(dtype) - mean).mT.unsqueeze(0), None
 
+    def rows(self, input: Tensor) -> Tensor:
+        """The patches as rows, ``(1, n, d)``."""
+        return input.reshape(1, -1, self.dim)
+
+    def grad_rows(self, grad: Tensor) -> Tensor:
+        """The output gradient as ``(1, n, out)``, row i belonging to patch i."""
+        return grad.reshape(1, -1, grad.shape[-1])
+
+    def grad_from_rows(self, rows: Tensor, like: Tensor) -> Tensor:
+        """Inverse of :meth:`grad_rows`."""
+        return rows.reshape(like.shape)
+
+    def bias_grad(self, grad: Tensor) -> Tensor:
+        """The bias gradient from the output gradient, summed in at least float32."""
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        return grad.reshape(-1, grad.shape[-1]).sum(0, dtype=dtype)
+
 
 class ConvAdapter:
     """``nn.Conv1d/2d/3d`` with every option: stride, padding (incl. 'same'), dilation, groups,
     padding_mode; the patch matrix is a strided view of the (padded) input, copied chunk by chunk.
     """
 
-    def __init__(self, layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
-        self.layer = layer
-        self.spatial = len(layer.kernel_size)
+    def __init__(
+        self,
+        in_channels: int,
+        groups: int,
+        kernel_size: tuple[int, ...],
+        stride: tuple[int, ...],
+        dilation: tuple[int, ...],
+        pads: list[int],
+        padding_mode: str,
+    ) -> None:
+        self.in_channels, self.groups = in_channels, groups
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.pads, self.padding_mode = pads, padding_mode  # pads in F.pad order
+        self.spatial = len(kernel_size)
+        self.dim = in_channels // groups * math.prod(kernel_size)
 
-    @property
-    def groups(self) -> int:
-        return self.layer.groups
+    @classmethod
+    def of(cls, layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> ConvAdapter:
+        return cls(
+            layer.in_channels,
+            layer.groups,
+            tuple(layer.kernel_size),
+            tuple(layer.stride),
+            tuple(layer.dilation),
+            list(layer._reversed_padding_repeated_twice),
+            layer.padding_mode,
+        )
 
-    @property
-    def dim(self) -> int:
-        return self.layer.in_channels // self.layer.groups * math.prod(self.layer.kernel_size)
-
-    def forward(self, input: Tensor, weight: Tensor) -> Tensor:
-        return self.layer._conv_forward(input, weight, self.layer.bias)
-
-    def _pads(self) -> list[int]:
-        return list(self.layer._reversed_padding_repeated_twice)
+    def spec(self) -> tuple[list[int], str]:
+        geometry = [*self.kernel_size, *self.stride, *self.dilation, *self.pads]
+        return [self.spatial, self.in_channels, self.groups, *geometry], self.padding_mode
 
     def _output_size(self, input: Tensor) -> list[int]:
-        layer, pads = self.layer, self._pads()
         sizes = []
         for i in range(self.spatial):
             # F.pad order is last dimension first.
-            total = pads[2 * (self.spatial - 1 - i)] + pads[2 * (self.spatial - 1 - i) + 1]
-            span = layer.dilation[i] * (layer.kernel_size[i] - 1) + 1
+            j = 2 * (self.spatial - 1 - i)
+            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
             size = input.shape[input.dim() - self.spatial + i]  # batched or not
-            sizes.append((size + total - span) // layer.stride[i] + 1)
+            sizes.append((size + self.pads[j] + self.pads[j + 1] - span) // self.stride[i] + 1)
         return sizes
 
     def num_patches(self, input: Tensor) -> int:
         batch = input.shape[0] if input.dim() == self.spatial + 2 else 1
         return batch * math.prod(self._output_size(input))
 
+    def _batched(self, input: Tensor) -> Tensor:
+        return input.unsqueeze(0) if input.dim() == self.spatial + 1 else input
+
+    def _zero_padded(self) -> bool:
+        return self.padding_mode == "zeros" and any(self.pads)
+
     def moments(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        """The mean of each input channel and an upper bound of the mean square of its centered
+        """The mean of each input channel and an estimate of the mean square of its centered
         patch entries, ``(C,)`` float32 each (input non-empty): the channel's variance, plus
         mean² where zero padding puts entries at −mean once centered."""
-        if input.dim() == self.spatial + 1:
-            input = input.unsqueeze(0)
+        input = self._batched(input)
         spread, mean = _var_mean(input, [0, *range(2, input.dim())])
-        if self.layer.padding_mode == "zeros" and any(self._pads()):
+        if self._zero_padded():
             spread = spread + mean.square()
         return spread, mean
 
+    def largest(self, input: Tensor, mean: Tensor) -> Tensor:
+        """The largest |x − mean| of each channel, ``(C,)`` float32 (|mean| with zero padding)."""
+        input = self._batched(input)
+        dims = [0, *range(2, input.dim())]
+        largest = torch.maximum(input.amax(dims).float() - mean, mean - input.amin(dims).float())
+        return torch.maximum(largest, mean.abs()) if self._zero_padded() else largest
+
     def expand(self, per_channel: Tensor) -> Tensor:
         """A per-channel vector as the ``(groups, d)`` value of each patch entry."""
-        kernel = math.prod(self.layer.kernel_size)
+        kernel = math.prod(self.kernel_size)
         per_entry = per_channel.view(self.groups, -1, 1).expand(-1, -1, kernel)
         return per_entry.reshape(self.groups, -1)
+
+    def _padded(self, x: Tensor) -> Tensor:
+        if not any(self.pads):
+            return x
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self.pads, mode=mode)
 
     def chunks(self, input: Tensor, dtype: torch.dtype, mean: Tensor) -> Iterator[Chunk]:
         """``(groups, d, cols)`` chunks of the patches of the (padded) input minus its channel
         ``mean``, in ``dtype``, with their column sums where they come cheaply. Padding comes
         first, so a zero pad becomes −mean like any zero entry: every patch entry is shifted by
         the same constant."""
-        layer, n_sp = self.layer, self.spatial
-        if input.dim() == n_sp + 1:  # unbatched input, as the conv layers accept
-            input = input.unsqueeze(0)
-        mean = mean.view(1, -1, *([1] * n_sp))
+        input = self._batched(input)
+        mean = mean.view(1, -1, *([1] * self.spatial))
         per_sample = math.prod(self._output_size(input))
         if per_sample <= 0:
             return
         rows_budget = max(1, chunk_bytes(input.device) // (self.dim * self.groups * dtype.itemsize))
         batch_step = max(1, rows_budget // per_sample)
-        pads = self._pads()
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
         for start in range(0, input.shape[0], batch_step):
-            x = input[start : start + batch_step]
-            if any(pads):
-                x = F.pad(x, pads, mode=mode)
             # input-sized passes (channels-last made contiguous: the patch copy below then runs
             # along the last dimension); the patches themselves are copied once, below
-            x = (x.to(dtype) - mean).contiguous()
+            x = (self._padded(input[start : start + batch_step]).to(dtype) - mean).contiguous()
             v = self._patches(x)
             if batch_step > 1 or per_sample <= rows_budget:
                 # Patch sums are linear: those of the batch-summed input, from an input-sized
                 # pass instead of a pass over the (kernel-volume times larger) patches.
-                sums = self._patches(x.sum(0, keepdim=True)).sum([*range(2 + n_sp, v.dim())])
+                sums = self._patches(x.sum(0, keepdim=True)).sum(
+                    [*range(2 + self.spatial, v.dim())]
+                )
                 yield v.reshape(self.groups, self.dim, -1), sums.reshape(self.groups, self.dim)
                 continue
             # One sample is larger than the budget: split it along its first output dimension.
-            first_out = 3 + n_sp
+            first_out = 3 + self.spatial
             row_step = max(1, rows_budget // (per_sample // v.shape[first_out]))
             for r in range(0, v.shape[first_out], row_step):
                 part = v.narrow(first_out, r, min(row_step, v.shape[first_out] - r))
                 yield part.reshape(self.groups, self.dim, -1), None
 
+    def rows(self, input: Tensor) -> Tensor:
+        """The patches as rows, ``(groups, n, d)``, ordered as :meth:`grad_rows` orders the
+        output gradient (batch, then output positions)."""
+        v = self._patches(self._padded(self._batched(input)))
+        return v.reshape(self.groups, self.dim, -1).mT
+
+    def grad_rows(self, grad: Tensor) -> Tensor:
+        """The output gradient ``(b, out, *out_size)`` as ``(groups, n, out/groups)``."""
+        grad = self._batched(grad)
+        per_group = grad.unflatten(1, (self.groups, -1))  # (b, g, out/g, *S)
+        order = [1, 0, *range(3, per_group.dim()), 2]
+        return per_group.permute(order).reshape(self.groups, -1, per_group.shape[2])
+
+    def grad_from_rows(self, rows: Tensor, like: Tensor) -> Tensor:
+        """Inverse of :meth:`grad_rows`, shaped and laid out like ``like``."""
+        batched = self._batched(like)
+        b, out, *size = batched.shape
+        v = rows.reshape(self.groups, b, *size, out // self.groups)
+        order = [1, 0, v.dim() - 1, *range(2, v.dim() - 1)]
+        return v.permute(order).reshape(like.shape)
+
+    def bias_grad(self, grad: Tensor) -> Tensor:
+        """The bias gradient from the output gradient, summed in at least float32."""
+        grad = self._batched(grad)
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        return grad.sum([0, *range(2, grad.dim())], dtype=dtype)
+
     def _patches(self, x: Tensor) -> Tensor:
         """The patches of a padded input as a strided view ``(g, C/g, *kernel, b, *out)``: a
         patch per column, its rows ordered as ``weight[o].flatten()``; copying it out runs along
         the input's contiguous last dimension."""
-        layer, n_sp = self.layer, self.spatial
+        n_sp = self.spatial
         # (b, C, *S) -> (b, g, C/g, *S) -> unfold each spatial dim: (b, g, C/g, *out, *span)
         v = x.unflatten(1, (self.groups, -1))
         for i in range(n_sp):
-            span = layer.dilation[i] * (layer.kernel_size[i] - 1) + 1
-            v = v.unfold(3 + i, span, layer.stride[i])
-        if any(d > 1 for d in layer.dilation):
-            v = v[(..., *(slice(None, None, d) for d in layer.dilation))]
+            span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+            v = v.unfold(3 + i, span, self.stride[i])
+        if any(d > 1 for d in self.dilation):
+            v = v[(..., *(slice(None, None, d) for d in self.dilation))]
         return v.permute([1, 2, *range(3 + n_sp, 3 + 2 * n_sp), 0, *range(3, 3 + n_sp)])
 
 
 def _var_mean(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
-    """Population variance and mean over ``dims`` in at least float32, from Σx and ‖x‖² (one
-    fast pass each; ``torch.var_mean`` over a channel's strided elements measured 8× slower)."""
+    """Population variance and mean over ``dims`` as float32, accumulated in at least float32
+    whatever ``x``'s dtype (a float16 sum overflows past 65504), from Σx and ‖x‖² (one fast
+    pass each; ``torch.var_mean`` over a channel's strided elements measured 8× slower)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     total = x.sum(dims, dtype=dtype)
     count = max(x.numel() // max(total.numel(), 1), 1)
     mean = total / count
     square = torch.linalg.vector_norm(x, dim=dims, dtype=dtype).square() / count
-    return (square - mean.square()).clamp_min(0), mean
+    return (square - mean.square()).clamp_min(0).float(), mean.float()
 
 
 Adapter = LinearAdapter | ConvAdapter
@@ -225,4 +292,18 @@ def check_supported(cls: type[nn.Module]) -> None:
 
 def adapter_for(layer: nn.Module) -> Adapter:
     """The adapter of a layer that :func:`check_supported` accepted."""
-    return LinearAdapter(layer) if isinstance(layer, nn.Linear) else ConvAdapter(layer)
+    return (
+        LinearAdapter(layer.in_features) if isinstance(layer, nn.Linear) else ConvAdapter.of(layer)
+    )
+
+
+def adapter_from_spec(spec: list[int], padding_mode: str) -> Adapter:
+    """The adapter whose :meth:`spec` this is."""
+    spatial, rest = spec[0], spec[1:]
+    if spatial == 0:
+        return LinearAdapter(rest[0])
+    in_channels, groups, geometry = rest[0], rest[1], rest[2:]
+    kernel, stride, dilation = (tuple(geometry[i * spatial : (i + 1) * spatial]) for i in range(3))
+    return ConvAdapter(
+        in_channels, groups, kernel, stride, dilation, list(geometry[3 * spatial :]), padding_mode
+    )

@@ -12,19 +12,22 @@ model`` frees it at once) and nothing in ``state_dict()``.
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from trainact import distributed
 from trainact.maths import PatchStatistics
+from trainact.maths.precision import Precision, precision_for
+from trainact.maths.rows import row_factor, transform_output_grad
 from trainact.nn import steps
 from trainact.nn.adapters import Adapter, adapter_for
-
-logger = logging.getLogger("trainact")
+from trainact.nn.statistics import patch_statistics
 
 #: The attribute of an enabled layer that holds its :class:`TrActState`.
 STATE = "trainact_state"
@@ -39,22 +42,14 @@ class TrActState:
         statistics_dtype: torch.dtype | None,
         process_group: distributed.ProcessGroupArg,
         defer: bool,
+        name: str = "",
     ) -> None:
+        self.name = name  # the layer's name in its model, for the log
         self.lam = lam
         self.statistics_dtype = statistics_dtype
         self.process_group = process_group
         self.defer = defer
         self.pending: PatchStatistics | None = None  # summed over backward passes (defer)
-
-    def describe_statistics(self, weight: Tensor) -> str:
-        """The statistics this layer uses, in words (for the log line)."""
-        if self.statistics_dtype is not None or weight.dtype == torch.float64:
-            dtype = self.statistics_dtype or torch.float64
-            return f"{str(dtype).removeprefix('torch.')} GEMM, solved in float64"
-        return (
-            "float32 GEMM of centered patches where the input's variance/lambda <= "
-            f"{FLOAT32_MAX_RATIO:g} on the CPU, float64 otherwise; solved in float64"
-        )
 
     def accumulate(self, stats: PatchStatistics, layer: nn.Module) -> None:
         """Add one backward pass's statistics to the deferred sum (``defer=True``)."""
@@ -160,56 +155,51 @@ class PreconditionWeight(torch.autograd.Function):
         return stats.precondition(grad, state.lam), None, None, None, None
 
 
-#: Largest spread / λ (mean square of the centered patch entries over λ) for which the default
-#: statistics run their GEMM in float32, for d ≤ 1024 (scaled down as 1024/d beyond). Float32
-#: sums lose about 1e-7 of the spread, and the solve amplifies that by up to spread/λ (raw
-#: [0, 255] pixels: 3e4, errors of 1e-3 to 1e-1; standardized: 10, ≈ 3e-6 at d = 27 and 8e-6
-#: at d = 768; 2.5e-5 at ratio 29 and d = 768; benchmarks/accuracy.py): beyond it, float64.
-FLOAT32_MAX_RATIO = 30.0
+class TransformOutputGrad(torch.autograd.Function):
+    """The n×n form (:mod:`trainact.maths.rows`): identity on the layer's output; in backward
+    the output gradient D becomes (XXᵀ/(nλ) + I)⁻¹·D for the weight's gradient, and the bias
+    (detached from the layer's own op) gets ΣD."""
+
+    @staticmethod
+    def forward(ctx, output, bias, factor, adapter):  # noqa: D102
+        ctx.factor, ctx.adapter = factor, adapter
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        adapter = ctx.adapter
+        rows = transform_output_grad(adapter.grad_rows(grad), ctx.factor)
+        bias = adapter.bias_grad(grad).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return adapter.grad_from_rows(rows, grad), bias, None, None
 
 
-def patch_statistics(
-    adapter: Adapter, x: Tensor, state: TrActState, weight: Tensor
-) -> PatchStatistics:
-    """The statistics of one input, its patches streamed in bounded chunks centered on the
-    input's means, in the GEMM dtype :func:`gemm_dtype` picks."""
-    stats = PatchStatistics.zeros(adapter.groups, adapter.dim, x.device)
-    n = adapter.num_patches(x)
-    if n > 0:
-        spread, mean = adapter.moments(x)
-        dtype = gemm_dtype(state, weight, x, spread, n, adapter.dim)
-        mean = mean.to(dtype)  # the shift, exactly as the chunks subtract it
-        shift = adapter.expand(mean)
-        for chunk, total in adapter.chunks(x, dtype, mean):
-            stats.add_chunk(chunk, shift, total)
-    return stats
+class ScaleGradient(torch.autograd.Function):
+    """Identity in forward; the gradient times ``scale`` in backward."""
+
+    @staticmethod
+    def forward(ctx, tensor, scale):  # noqa: D102
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad * ctx.scale, None
 
 
-def gemm_dtype(
-    state: TrActState, weight: Tensor, x: Tensor, spread: Tensor, n: int, dim: int
-) -> torch.dtype:
-    """The XᵀX GEMM's dtype: as asked, else float64 for float64 layers, for n < d (then the
-    GEMM costs less than the d×d solve), on accelerators (no host synchronization to decide;
-    float64 GEMMs on data-centre GPUs cost about what float32 ones do, and TF32 never
-    applies) and under torch.compile (no data-dependent branch); on the CPU, float32 where the
-    centered patches' mean square (``spread``, per entry) over λ allows it
-    (:data:`FLOAT32_MAX_RATIO`), float64 otherwise."""
-    if state.statistics_dtype is not None:
-        return state.statistics_dtype
-    if weight.dtype == torch.float64 or n < dim:
-        return torch.float64
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return torch.float64
-    limit = FLOAT32_MAX_RATIO * min(1.0, 1024 / dim) * state.lam
-    return torch.float32 if spread.max() <= limit else torch.float64
+def layer_forward(layer: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The plain layer's forward with the given weight and bias tensors."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(input, weight, bias)
+    return layer._conv_forward(input, weight, bias)
 
 
 def tract_forward(layer: nn.Module, state: TrActState, input: Tensor) -> Tensor:
     """The layer's forward with TrAct: plain in eval mode, under no_grad or with a frozen
-    weight; otherwise the weight goes through :class:`PreconditionWeight`."""
-    weight, adapter = layer.weight, adapter_for(layer)  # read once (parametrizations run here)
+    weight; otherwise the weight's gradient is preconditioned (:func:`_preconditioned_forward`)."""
+    weight = layer.weight  # read once (parametrizations run here)
     if not (layer.training and torch.is_grad_enabled() and weight.requires_grad):
-        return adapter.forward(input, weight)
+        return layer_forward(layer, input, weight, layer.bias)
     if getattr(layer, "_is_replica", False):
         raise RuntimeError(
             "TrAct does not support nn.DataParallel (its replicas would each precondition with "
@@ -221,28 +211,57 @@ def tract_forward(layer: nn.Module, state: TrActState, input: Tensor) -> Tensor:
             "export in eval mode (model.eval()) or after trainact.remove(model)"
         )
     if state.defer or distributed.resolve(state.process_group) is not None:
-        return _eager_forward(layer, state, adapter, input, weight)
-    return _preconditioned_forward(layer, state, adapter, input, weight)
+        if torch.compiler.is_compiling():
+            return _eagerly()(layer, state, input, weight)
+    return _preconditioned_forward(layer, state, input, weight)
 
 
-@torch.compiler.disable
-def _eager_forward(
-    layer: nn.Module, state: TrActState, adapter: Adapter, input: Tensor, weight: Tensor
-) -> Tensor:
-    """Deferred sums (Python state) and asynchronous collectives (Work handles) do not trace:
-    under torch.compile this layer then runs eagerly, the rest stays compiled."""
-    return _preconditioned_forward(layer, state, adapter, input, weight)
+@functools.cache
+def _eagerly() -> Any:
+    """:func:`_preconditioned_forward` run eagerly under torch.compile: deferred sums (Python
+    state) and asynchronous collectives (Work handles) do not trace, so this layer runs eagerly
+    and the rest stays compiled. Made on first use (torch.compiler.disable imports dynamo)."""
+    return torch.compiler.disable(_preconditioned_forward)
 
 
 def _preconditioned_forward(
-    layer: nn.Module, state: TrActState, adapter: Adapter, input: Tensor, weight: Tensor
+    layer: nn.Module, state: TrActState, input: Tensor, weight: Tensor
 ) -> Tensor:
-    with torch.autocast(input.device.type, enabled=False):
-        stats = patch_statistics(adapter, input.detach(), state, weight)
+    adapter = adapter_for(layer)
+    precision = precision_for(input.device, state.statistics_dtype, input.dtype)
+    x = input.detach()
     group = None if state.defer else distributed.resolve(state.process_group)
+    with _no_autocast(input.device):
+        if group is None and _row_form(state, adapter, input, precision):
+            factor = row_factor(adapter.rows(x), state.lam, precision.host_solve)
+        else:
+            factor = None
+            stats = patch_statistics(adapter, x, precision, state.lam, state.name)
+    if factor is not None:  # the n×n form: the weight's gradient comes from the transformed D
+        bias = layer.bias
+        routed = ScaleGradient.apply(weight, 1.0 / state.lam)
+        output = layer_forward(layer, x, routed, None if bias is None else bias.detach())
+        return TransformOutputGrad.apply(output, bias, factor, adapter)
     work = None if group is None else distributed.all_reduce_async(stats.data, group)
     routed = PreconditionWeight.apply(weight, stats, state, layer, work)
-    return adapter.forward(input, routed)
+    return layer_forward(layer, input, routed, layer.bias)
+
+
+def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Precision) -> bool:
+    """Whether this call takes the n×n form: fewer patches than the d×d form would cost
+    (n < d with fast float64, n < 0.6·d otherwise: K = XXᵀ is float64), its own statistics
+    (not deferred, not summed over processes), and an input without gradient (the transformed
+    output gradient is meant for the weight alone)."""
+    n = adapter.num_patches(input)
+    limit = adapter.dim if precision.fast_float64 else 0.6 * adapter.dim
+    return 0 < n < limit and not state.defer and not input.requires_grad
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for the statistics, on devices that have autocast."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class TrActLayer(nn.Module):
