@@ -5,12 +5,25 @@ d×d assembly and Cholesky solve are small but ill-conditioned (raw pixels: cond
 1e6 to 1e8), so they are always float64. Decided from the device alone, with no host
 synchronization (the CPU may also look at the data: there a sync costs nothing).
 
-| device | product (n ≥ d) | assembly and solve |
-|---|---|---|
-| CPU | float32 where the centered patches' mean square over λ allows it (checked on the product's own diagonal), else float64 | float64, CPU |
-| CUDA with full-rate float64: compute capability 6.0, 7.0, 8.0, 9.0, 10.0 (P100, V100, A100, H100/H200, B200); ROCm gfx908, gfx90a, gfx94x, gfx950 (MI100 to MI355) | float64 | float64, GPU |
-| other CUDA/ROCm devices (float64 at 1/32 to 1/64 of float32: T4, RTX 20/30/40/50, A10, L4, L40, Jetson, Radeon) | split float32, TF32 off | float64, GPU |
-| MPS, and any other device type (a safe default: float64 may be absent) | split float32, TF32 off | exact part in int64 on the device; float64 on the CPU (one host round trip per step) |
+==================  ==========================================  =================================
+device              product Σ yyᵀ (n ≥ d)                       assembly and d×d solve
+==================  ==========================================  =================================
+CPU                 float32 of centered patches where their     float64, on the CPU
+                    mean square over λ allows it (checked on
+                    the product's own diagonal), else float64
+CUDA/ROCm with      float64                                     float64, on the GPU
+full-rate float64*
+other CUDA/ROCm     split float32, TF32 off                     float64, on the GPU
+(float64 at 1/32
+to 1/64 of float32)
+MPS, and any other  split float32, TF32 off                     exact part in int64 on the
+device type (float                                              device; float64 on the CPU
+64 may be absent)                                               (one host round trip per step)
+==================  ==========================================  =================================
+
+\* compute capability 6.0, 7.0, 8.0, 9.0, 10.0 (P100, V100, A100, H100/H200, B200); ROCm
+gfx908, gfx90a, gfx94x, gfx950 (MI100 to MI355). Reduced-rate float64: T4, RTX 20/30/40/50,
+A10, L4, L40, Jetson, Radeon.
 
 Sources: NVIDIA's CUDA C++ Programming Guide (arithmetic instruction throughput by compute
 capability) and product datasheets; AMD Instinct and Radeon datasheets; for MPS, PyTorch's

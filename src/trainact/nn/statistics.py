@@ -1,10 +1,11 @@
 """The statistics of one call of a layer: its input's patches reduced to n and XᵀX, as the
 device's precision policy (:mod:`trainact.maths.precision`) says.
 
-Under ``torch.compile`` the whole computation is one custom operator, ``trainact::patch_statistics``,
-that runs eagerly inside the compiled graph: its chunk loop, its data-dependent float32/float64
-choice on the CPU and its TF32-off matmuls then never specialize the graph, so one graph serves
-every batch size (``dynamic=True``, ``mark_dynamic``), with no graph break.
+Under ``torch.compile`` the whole computation is one custom operator,
+``trainact::patch_statistics``, that runs eagerly inside the compiled graph: its chunk loop, its
+data-dependent float32/float64 choice on the CPU and its TF32-off matmuls then never specialize
+the graph, so one graph serves every batch size (``dynamic=True``, ``mark_dynamic``), with no
+graph break.
 """
 
 from __future__ import annotations
