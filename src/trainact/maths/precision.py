@@ -1,4 +1,4 @@
-"""The precision policy: what the statistics product and the d×d solve run in, per device.
+r"""The precision policy: what the statistics product and the d×d solve run in, per device.
 
 The product Σ yyᵀ over the n centered patches (n·d² multiply-adds) is the expensive part; the
 d×d assembly and Cholesky solve are small but ill-conditioned (raw pixels: condition numbers of
