@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainact.maths import PatchStatistics, precondition
-from trainact.maths.rows import row_factor, transform_output_grad
+from trainact.maths.rows import row_inverse, transform_output_grad
 from trainact.maths.solve import cholesky_finite
 from trainact.maths.statistics import SPLIT_BITS, SPLIT_BLOCK, SplitSums, split_quantum
 
@@ -235,13 +235,15 @@ def test_cholesky_finite_matches_cholesky_where_it_succeeds():
     offset=st.sampled_from([0.0, 50.0]),
 )
 def test_row_form_equals_the_gram_form(seed, groups, out, n, extra, lam, offset):
-    """Dᵀ·(XXᵀ/n + λI)⁻¹·X = Dᵀ·X·(XᵀX/n + λI)⁻¹ (push-through), with D ↦ (XXᵀ/(nλ) + I)⁻¹·D
-    and the product divided by λ."""
+    """Dᵀ·(XXᵀ/n + λI)⁻¹·X = Dᵀ·X·(XᵀX/n + λI)⁻¹ (push-through), with or without the scale
+    that keeps float16 in range."""
     gen = torch.Generator().manual_seed(seed)
     d = n + extra
     x = offset + torch.randn(groups, n, d, generator=gen, dtype=F64)
     grad_out = torch.randn(groups, n, out, generator=gen, dtype=F64)
-    factor = row_factor(x, lam, host=False)
-    rows = transform_output_grad(grad_out, factor).mT @ x / lam
+    inverse = row_inverse(x, lam, host=False)
     gram = precondition(grad_out.mT @ x, x.mT @ x, torch.tensor(float(n), dtype=F64), lam)
-    torch.testing.assert_close(rows, gram, rtol=1e-7, atol=1e-9 * gram.abs().max().item())
+    tol = {"rtol": 1e-7, "atol": 1e-9 * gram.abs().max().item()}
+    torch.testing.assert_close(transform_output_grad(grad_out, inverse).mT @ x, gram, **tol)
+    scaled = transform_output_grad(grad_out, inverse, lam).mT @ x / lam
+    torch.testing.assert_close(scaled, gram, **tol)

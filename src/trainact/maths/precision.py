@@ -29,11 +29,12 @@ Sources: NVIDIA's CUDA C++ Programming Guide (arithmetic instruction throughput 
 capability) and product datasheets; AMD Instinct and Radeon datasheets; for MPS, PyTorch's
 "MPS framework doesn't support float64" (pytorch/pytorch#122602).
 
-The split float32 product (:func:`trainact.maths.statistics.split_product`) is accurate without
+The split float32 product (:class:`trainact.maths.statistics.SplitSums`) is accurate without
 float64 on the device: each entry is an integer multiple of a per-feature power of two (7 bits,
 summed exactly) plus a small float32 remainder. ``statistics_dtype=torch.float32`` selects it on
 any device, ``torch.float64`` the float64 product (refused where the device has no float64).
-For n < d the n×n form runs instead (see :mod:`trainact.maths.rows`).
+For n < d (n < 0.6·d without full-rate float64) the n×n form runs instead: see
+:mod:`trainact.maths.rows`.
 """
 
 from __future__ import annotations
@@ -134,20 +135,21 @@ def _device_precision(device: torch.device) -> Precision:
 @functools.cache
 def _cuda_precision(index: int) -> Precision:
     props = torch.cuda.get_device_properties(index)
-    arch = getattr(props, "gcnArchName", "") or ""
-    if torch.version.hip:
-        fast = arch.startswith(FULL_RATE_FLOAT64_ROCM)
-        name = f"{props.name} ({arch.split(':')[0]})"
+    arch = (getattr(props, "gcnArchName", "") or "") if torch.version.hip else None
+    return gpu_precision(f"cuda:{index} {props.name}", props.major, props.minor, arch)
+
+
+def gpu_precision(name: str, major: int, minor: int, rocm_arch: str | None = None) -> Precision:
+    """The policy of a CUDA device of compute capability ``major.minor``, or of a ROCm device
+    of architecture ``rocm_arch`` (its ``gcnArchName``, e.g. ``"gfx90a:sramecc+:xnack-"``)."""
+    if rocm_arch is not None:
+        fast = rocm_arch.startswith(FULL_RATE_FLOAT64_ROCM)
+        name = f"{name} ({rocm_arch.split(':')[0]})"
     else:
-        fast = (props.major, props.minor) in FULL_RATE_FLOAT64_CUDA
-        name = f"{props.name} (compute capability {props.major}.{props.minor})"
+        fast = (major, minor) in FULL_RATE_FLOAT64_CUDA
+        name = f"{name} (compute capability {major}.{minor})"
     rate = "full-rate float64" if fast else "reduced-rate float64"
-    return cuda_precision(fast, f"cuda:{index} {name}, {rate}")
-
-
-def cuda_precision(fast_float64: bool, device: str) -> Precision:
-    """The policy of a CUDA or ROCm device with or without full-rate float64."""
-    return Precision(FLOAT64 if fast_float64 else SPLIT_FLOAT32, False, fast_float64, device)
+    return Precision(FLOAT64 if fast else SPLIT_FLOAT32, False, fast, f"{name}, {rate}")
 
 
 #: The host-solve policy of MPS and unknown device types (for :func:`use_precision`).

@@ -15,7 +15,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 #: Where λ is below the statistics' own rounding (λ = 1e-12 on rank-deficient patches), the
 #: rounded S/n + λI may not be positive definite; it is then factored with λ raised by this
-#: fraction of its trace, above any rounding of the statistics (at most 1e-9 of it).
+#: fraction of its trace, above any rounding of the statistics (at most 1e-9 of it). (Written
+#: as a literal below: dynamo keeps a global float symbolic with dynamic=True.)
 RETRY_FRACTION = 1e-8
 
 
@@ -32,7 +33,7 @@ def cholesky_finite(a: Tensor) -> Tensor:
         trace = a.diagonal(dim1=-2, dim2=-1).sum(-1).abs()
         eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
         retry, retry_info = torch.linalg.cholesky_ex(
-            a + (RETRY_FRACTION * trace)[..., None, None] * eye
+            a + (1e-8 * trace)[..., None, None] * eye  # RETRY_FRACTION
         )
         factor = torch.where(failed[..., None, None], retry, factor)
         usable = usable | (failed & (retry_info == 0))
@@ -44,14 +45,14 @@ def _sync_is_free(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
 
 
-def precondition(grad: Tensor, gram: Tensor, count: Tensor, lam: float) -> Tensor:
+def precondition(grad: Tensor, gram: Tensor, count: Tensor, lam: float | Tensor) -> Tensor:
     """G·(gram/n + λI)⁻¹ per group by a float64 Cholesky solve, returned in ``grad``'s dtype.
 
     Args:
         grad: weight gradient, ``(groups, out, d)``.
         gram: XᵀX summed over the patches, ``(groups, d, d)``.
         count: n, the number of patches (0-dim tensor); n = 0 gives G/λ, which is zero.
-        lam: λ > 0.
+        lam: λ > 0 (a float, or a 0-dim tensor).
     """
     a = gram.to(torch.float64) / count.to(torch.float64).clamp_min(1)
     a.diagonal(dim1=-2, dim2=-1).add_(lam)

@@ -90,7 +90,7 @@ class PatchStatistics:
     def clone(self) -> PatchStatistics:
         return PatchStatistics(self.data.clone(), self.groups, self.dim)
 
-    def precondition(self, grad: Tensor, lam: float) -> Tensor:
+    def precondition(self, grad: Tensor, lam: float | Tensor) -> Tensor:
         """G·(S/n + λI)⁻¹ for a weight gradient of any shape ``(out, ...)`` with d per group,
         solved where the statistics are (the CPU for a device without float64) and returned on
         the gradient's device.

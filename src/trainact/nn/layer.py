@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from trainact import distributed
 from trainact.maths import PatchStatistics
 from trainact.maths.precision import Precision, precision_for
-from trainact.maths.rows import row_factor, transform_output_grad
+from trainact.maths.rows import row_inverse, transform_output_grad
 from trainact.nn import steps
 from trainact.nn.adapters import Adapter, adapter_for
 from trainact.nn.statistics import patch_statistics
@@ -46,6 +46,10 @@ class TrActState:
     ) -> None:
         self.name = name  # the layer's name in its model, for the log
         self.lam = lam
+        # λ for the custom op under torch.compile: a float argument (symbolic with
+        # dynamic=True) would make dynamo compile twice to specialize it, and so would a 0-dim
+        # tensor, which dynamo turns into a float
+        self.lam_vector = torch.tensor([lam], dtype=torch.float64, device="cpu")
         self.statistics_dtype = statistics_dtype
         self.process_group = process_group
         self.defer = defer
@@ -157,34 +161,34 @@ class PreconditionWeight(torch.autograd.Function):
 
 class TransformOutputGrad(torch.autograd.Function):
     """The n×n form (:mod:`trainact.maths.rows`): identity on the layer's output; in backward
-    the output gradient D becomes (XXᵀ/(nλ) + I)⁻¹·D for the weight's gradient, and the bias
+    the output gradient D becomes ``scale``·M·D for the weight's gradient, and the bias
     (detached from the layer's own op) gets ΣD."""
 
     @staticmethod
-    def forward(ctx, output, bias, factor, adapter):  # noqa: D102
-        ctx.factor, ctx.adapter = factor, adapter
+    def forward(ctx, output, bias, inverse, adapter, scale):  # noqa: D102
+        ctx.inverse, ctx.adapter, ctx.scale = inverse, adapter, scale
         ctx.bias_dtype = None if bias is None else bias.dtype
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         adapter = ctx.adapter
-        rows = transform_output_grad(adapter.grad_rows(grad), ctx.factor)
+        rows = transform_output_grad(adapter.grad_rows(grad), ctx.inverse, ctx.scale)
         bias = adapter.bias_grad(grad).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
-        return adapter.grad_from_rows(rows, grad), bias, None, None
+        return adapter.grad_from_rows(rows, grad), bias, None, None, None
 
 
-class ScaleGradient(torch.autograd.Function):
-    """Identity in forward; the gradient times ``scale`` in backward."""
+class DivideGradient(torch.autograd.Function):
+    """Identity in forward; the gradient divided by ``divisor`` in backward."""
 
     @staticmethod
-    def forward(ctx, tensor, scale):  # noqa: D102
-        ctx.scale = scale
+    def forward(ctx, tensor, divisor):  # noqa: D102
+        ctx.divisor = divisor
         return tensor.view_as(tensor)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return grad * ctx.scale, None
+        return grad / ctx.divisor, None
 
 
 def layer_forward(layer: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -233,15 +237,19 @@ def _preconditioned_forward(
     group = None if state.defer else distributed.resolve(state.process_group)
     with _no_autocast(input.device):
         if group is None and _row_form(state, adapter, input, precision):
-            factor = row_factor(adapter.rows(x), state.lam, precision.host_solve)
+            inverse = row_inverse(adapter.rows(x), state.lam, precision.host_solve)
         else:
-            factor = None
-            stats = patch_statistics(adapter, x, precision, state.lam, state.name)
-    if factor is not None:  # the n×n form: the weight's gradient comes from the transformed D
+            inverse = None
+            stats = patch_statistics(adapter, x, precision, state)
+    if inverse is not None:  # the n×n form: the weight's gradient comes from the transformed D
+        # M·D may be up to 1/λ times D, past float16's range: in float16 the kernel gets
+        # λ·M·D (never larger than D) and its weight gradient is divided by λ
+        half = _output_dtype(x, weight) == torch.float16
+        scale = state.lam if half else 1.0
+        routed = DivideGradient.apply(weight, state.lam) if half else weight
         bias = layer.bias
-        routed = ScaleGradient.apply(weight, 1.0 / state.lam)
         output = layer_forward(layer, x, routed, None if bias is None else bias.detach())
-        return TransformOutputGrad.apply(output, bias, factor, adapter)
+        return TransformOutputGrad.apply(output, bias, inverse, adapter, scale)
     work = None if group is None else distributed.all_reduce_async(stats.data, group)
     routed = PreconditionWeight.apply(weight, stats, state, layer, work)
     return layer_forward(layer, input, routed, layer.bias)
@@ -255,6 +263,13 @@ def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Pre
     n = adapter.num_patches(input)
     limit = adapter.dim if precision.fast_float64 else 0.6 * adapter.dim
     return 0 < n < limit and not state.defer and not input.requires_grad
+
+
+def _output_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype a Linear or Conv layer's output will have (autocast's, where it is on)."""
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:

@@ -11,6 +11,7 @@ graph break.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,28 +20,31 @@ from trainact.maths import precision as policy
 from trainact.maths.statistics import PatchStatistics, SplitSums, split_quantum
 from trainact.nn.adapters import Adapter, adapter_from_spec
 
+if TYPE_CHECKING:
+    from trainact.nn.layer import TrActState
+
 logger = logging.getLogger("trainact")
 
 
 def patch_statistics(
-    adapter: Adapter, x: Tensor, precision: policy.Precision, lam: float, label: str = ""
+    adapter: Adapter, x: Tensor, precision: policy.Precision, state: TrActState
 ) -> PatchStatistics:
     """n and XᵀX of the patches of ``x`` (detached), in float64, on ``x``'s device (on the CPU
-    for a device without float64)."""
+    for a device without float64), for the layer whose state is ``state``."""
     if torch.compiler.is_compiling():
         spec, padding_mode = adapter.spec()
         data = torch.ops.trainact.patch_statistics(
             x,
             spec,
             padding_mode,
-            lam,
+            state.lam_vector,
             precision.product,
             precision.host_solve,
             precision.device,
-            label,
+            state.name,
         )
         return PatchStatistics(data, adapter.groups, adapter.dim)
-    return _compute(adapter, x, precision, lam, label)
+    return _compute(adapter, x, precision, state.lam, state.name)
 
 
 def _compute(
@@ -100,7 +104,7 @@ def _patch_statistics_op(
     x: Tensor,
     spec: list[int],
     padding_mode: str,
-    lam: float,
+    lam: Tensor,
     product: str,
     host_solve: bool,
     device: str,
@@ -108,7 +112,7 @@ def _patch_statistics_op(
 ) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
     precision = policy.Precision(product, host_solve, True, device)
-    return _compute(adapter, x, precision, lam, label).data
+    return _compute(adapter, x, precision, lam.item(), label).data
 
 
 @_patch_statistics_op.register_fake

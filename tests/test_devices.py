@@ -1,0 +1,225 @@
+"""The precision policy per device, the paths of devices this CPU is not (no float64: MPS),
+TF32 never reaching the statistics, and torch.compile with dynamic batch sizes."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from tract_reference import reference_tract_grad, relative_error
+
+import trainact
+from trainact.maths import precision
+from trainact.testing import exact_tract_grad
+
+CPU = torch.device("cpu")
+
+
+class OpLog(TorchDispatchMode):
+    """Every operation's name, and the dtype and device of each tensor it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, torch.dtype, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.ops.append((str(func), t.dtype, t.device.type))
+        return out
+
+
+@pytest.mark.parametrize(
+    "name,major,minor,arch,fast",
+    [
+        ("A100", 8, 0, None, True),
+        ("H200", 9, 0, None, True),
+        ("V100", 7, 0, None, True),
+        ("B200", 10, 0, None, True),
+        ("RTX 4090", 8, 9, None, False),
+        ("RTX 3090", 8, 6, None, False),
+        ("T4", 7, 5, None, False),
+        ("RTX 5090", 12, 0, None, False),
+        ("B300", 10, 3, None, False),
+        ("MI250X", 9, 0, "gfx90a:sramecc+:xnack-", True),
+        ("MI300X", 9, 4, "gfx942", True),
+        ("RX 7900", 11, 0, "gfx1100", False),
+    ],
+)
+def test_gpu_policy_by_compute_capability(name, major, minor, arch, fast):
+    p = precision.gpu_precision(name, major, minor, arch)
+    assert p.product == (precision.FLOAT64 if fast else precision.SPLIT_FLOAT32)
+    assert p.fast_float64 is fast and not p.host_solve
+    assert ("full-rate" if fast else "reduced-rate") in p.describe()
+
+
+def test_policy_by_device_type_and_override():
+    cpu = precision.precision_for(CPU, None, torch.float32)
+    assert cpu.product == precision.CHECKED_FLOAT32 and not cpu.host_solve
+    other = precision.precision_for(torch.device("meta"), None, torch.float32)
+    assert other.product == precision.SPLIT_FLOAT32 and other.host_solve  # the safe default
+    f32 = precision.precision_for(CPU, torch.float32, torch.float32)
+    assert f32.product == precision.SPLIT_FLOAT32 and not f32.host_solve
+    assert precision.precision_for(CPU, None, torch.float64).product == precision.FLOAT64
+    with pytest.raises(TypeError, match="MPS does not have"):
+        precision.precision_for(torch.device("mps"), torch.float64, torch.float32)
+    with precision.use_precision(precision.HOST_SOLVE):
+        assert precision.precision_for(CPU, None, torch.float32).host_solve
+
+
+CASES = {
+    "conv": (lambda: nn.Conv2d(3, 8, 3, padding=1), (16, 3, 8, 8)),
+    "linear": (lambda: nn.Linear(48, 8), (64, 48)),
+    "linear n<d": (lambda: nn.Linear(300, 8), (16, 300)),
+    "grouped conv": (lambda: nn.Conv2d(4, 4, 3, groups=2), (8, 4, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_no_float64_is_ever_created_on_a_device_without_it(case, defer):
+    """The MPS path, on fake tensors of the "meta" device (an unknown device type: the safe
+    default, MPS's policy): every operation that returns a tensor on the device returns no
+    float64; the float64 work happens on the CPU. Fake tensors also prove the path never reads
+    a value on the device (no host synchronization outside the explicit transfers)."""
+    make, shape = CASES[case]
+    with FakeTensorMode():
+        with torch.device("meta"):
+            layer = trainact.TrAct(make(), defer=defer)
+        x = torch.randn(shape, device="meta")
+        with OpLog() as log:
+            layer(x).square().mean().backward()
+            if defer:
+                assert trainact.precondition_(layer) == 1
+        assert layer.weight.grad.device.type == "meta"
+    on_device = {dtype for _, dtype, device in log.ops if device == "meta"}
+    assert torch.float64 not in on_device
+    assert any(device == "cpu" and dtype == torch.float64 for _, dtype, device in log.ops)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_host_solve_path_is_accurate(case):
+    """The same path on real CPU tensors (forced by use_precision): the split product summed
+    in int64, assembled and solved in float64 on the host."""
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    layer = make()
+    plain, x = copy.deepcopy(layer), torch.rand(shape) * 255
+    out = plain(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    with precision.use_precision(precision.HOST_SOLVE), OpLog() as log:
+        trainact.TrAct(layer)(x).backward(grad_out)
+    if case == "linear n<d":
+        expected = exact_tract_grad(plain, x, grad_out, 0.1)
+        assert relative_error(layer.weight.grad, expected) < 1e-5
+    else:
+        expected = reference_tract_grad(layer, x, plain.weight.grad, 0.1)
+        assert relative_error(layer.weight.grad, expected) < 2e-3
+        assert ("aten.sum.dim_IntList", torch.int64, "cpu") in log.ops  # the exact part
+
+
+class MatmulPrecision(TorchDispatchMode):
+    """The matmul precision settings in force at each bmm (the statistics' products)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default:
+            settings = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+            self.seen.append(tuple(s.fp32_precision for s in settings))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("setting", ["high", "medium"])
+@pytest.mark.parametrize("statistics_dtype", [None, torch.float32])
+def test_tf32_and_bf16_matmuls_never_reach_the_statistics(setting, statistics_dtype):
+    """With TF32 (or oneDNN's bf16) allowed globally, every float32 product of the statistics
+    runs in full float32, and the user's setting is back afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        layer = trainact.TrAct(nn.Conv2d(3, 8, 3), statistics_dtype=statistics_dtype)
+        with MatmulPrecision() as mode:
+            layer(torch.randn(8, 3, 10, 10)).sum().backward()
+        assert mode.seen and set(mode.seen) == {("ieee", "ieee")}
+        assert torch.get_float32_matmul_precision() == setting
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_policy_is_logged_once_with_lambda(caplog):
+    layer = trainact.TrAct(nn.Conv2d(3, 8, 3), l=0.25)
+    with caplog.at_level(logging.INFO, logger="trainact"):
+        for _ in range(3):
+            layer(torch.randn(4, 3, 8, 8)).sum().backward()
+    lines = [r.getMessage() for r in caplog.records if "lambda=0.25" in r.getMessage()]
+    assert len(lines) == 1 and "cpu" in lines[0] and "float64" in lines[0]
+
+
+class GraphCount:
+    """A torch.compile backend that counts the graphs it is given (aot_eager underneath)."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
+MODELS = {
+    "conv stem": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), (3, 8, 8)),
+    "mlp, n < d": (lambda: nn.Sequential(nn.Linear(300, 16), nn.ReLU()), (300,)),
+}
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_compile_one_graph_for_every_batch_size(model, how):
+    """One graph serves 5 batch sizes, fullgraph included, each step exact. (The sizes stay
+    below 16, where a plain CPU convolution's own compiled graph specializes on the batch; the
+    first differs from every other size of the input, which dynamo would otherwise unify.)"""
+    torch._dynamo.reset()
+    make, sample = MODELS[model]
+    torch.manual_seed(0)
+    net = make()
+    eager = copy.deepcopy(net)
+    trainact.apply(net)
+    trainact.apply(eager)
+    backend = GraphCount()
+    compiled = torch.compile(
+        net, fullgraph=True, backend=backend, dynamic=True if how == "dynamic=True" else None
+    )
+    for batch in (5, 7, 9, 11, 13):
+        x = torch.randn(batch, *sample)
+        if how == "mark_dynamic":
+            torch._dynamo.mark_dynamic(x, 0)
+        for m, f in ((net, compiled), (eager, eager)):
+            m.zero_grad(set_to_none=True)
+            f(x).square().mean().backward()
+        torch.testing.assert_close(net[0].weight.grad, eager[0].weight.grad, rtol=1e-5, atol=1e-7)
+    assert backend.graphs == 1
+
+
+def test_compile_inductor_dynamic_is_exact():
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    eager = copy.deepcopy(net)
+    trainact.apply(net)
+    trainact.apply(eager)
+    compiled = torch.compile(net, fullgraph=True, dynamic=True)
+    for batch in (2, 5):
+        x = torch.rand(batch, 3, 8, 8) * 255  # raw pixels: the float64 product inside the op
+        for m, f in ((net, compiled), (eager, eager)):
+            m.zero_grad(set_to_none=True)
+            f(x).square().mean().backward()
+        assert relative_error(net[0].weight.grad, eager[0].weight.grad) < 1e-6
