@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy  # noqa: E402
 
 import trainact  # noqa: E402
-from trainact.testing import reference_tract_grad, relative_error  # noqa: E402
+from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error  # noqa: E402
 
 
 def tract_error(layer: nn.Module, x: torch.Tensor, lam: float = 0.1) -> float:
@@ -193,3 +193,42 @@ def test_linear_moments_do_not_alias_with_token_positions():
     x = torch.zeros(2048, 4, 48)
     x[:, 1::2] = 200 + 50 * torch.rand(2048, 2, 1) + torch.rand(2048, 2, 48)  # smooth rows
     assert tract_error(nn.Linear(48, 8), x) <= 2e-3
+
+
+def _patches_and_dim(layer: nn.Module, out: torch.Tensor) -> tuple[int, int]:
+    channels = out.shape[-1] if isinstance(layer, nn.Linear) else out.shape[1]
+    return out.numel() // channels, layer.weight[0].numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", accuracy.CASES, ids=[c.name for c in accuracy.CASES])
+def test_half_precision_layers_meet_the_float32_targets(images, case, dtype):
+    """float16 and bfloat16 layers on the same photos in that dtype: the gradient is the
+    float64 answer for that half-precision input, rounded to the layer's dtype, to within the
+    float32 target (the statistics accumulate in float32 or better whatever the dtype)."""
+    torch.manual_seed(0)
+    plain = case.layer().to(dtype)
+    tract = trainact.TrAct(copy.deepcopy(plain))
+    x = case.input(images).to(dtype)
+    out = plain(x)
+    grad_out = (1e-3 * torch.randn(out.shape)).to(dtype)  # keeps float16's G in range
+    out.backward(grad_out)
+    tract(x).backward(grad_out)
+    assert tract.weight.grad.dtype == dtype and tract.weight.grad.isfinite().all()
+    n, d = _patches_and_dim(plain, out)
+    if n < d:
+        expected = exact_tract_grad(plain, x, grad_out, 0.1)
+    else:
+        expected = reference_tract_grad(tract, x, plain.weight.grad, 0.1)
+    rounding = relative_error(expected.to(dtype), expected)
+    assert relative_error(tract.weight.grad, expected) - rounding <= case.target
+
+
+def test_float16_linear_on_raw_pixels_is_finite():
+    """Regression: the row sums of a float16 input overflowed past 65504 (NaN gradient, and a
+    GradScaler would then skip every step)."""
+    torch.manual_seed(0)
+    layer = trainact.TrAct(nn.Linear(48, 16).half())
+    x = (torch.rand(600, 48) * 255).half()
+    layer(x).float().mean().backward()
+    assert layer.weight.grad.isfinite().all()

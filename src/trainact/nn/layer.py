@@ -159,36 +159,30 @@ class PreconditionWeight(torch.autograd.Function):
         return stats.precondition(grad, state.lam), None, None, None, None
 
 
-class TransformOutputGrad(torch.autograd.Function):
-    """The n×n form (:mod:`trainact.maths.rows`): identity on the layer's output; in backward
-    the output gradient D becomes ``scale``·M·D for the weight's gradient, and the bias
-    (detached from the layer's own op) gets ΣD."""
+class RowForm(torch.autograd.Function):
+    """The layer's op in the n×n form (:mod:`trainact.maths.rows`): its own forward; in
+    backward the weight gradient is (M·D)ᵀ·X per group, from the output gradient D and the
+    patch rows X (n < d: a small matrix), computed in at least float32 whatever the layer's
+    dtype; the bias gets ΣD. (The input has no gradient on this path.)"""
 
     @staticmethod
-    def forward(ctx, output, bias, inverse, adapter, scale):  # noqa: D102
-        ctx.inverse, ctx.adapter, ctx.scale = inverse, adapter, scale
+    def forward(ctx, x, weight, bias, rows, inverse, layer, adapter):  # noqa: D102
+        ctx.rows, ctx.inverse, ctx.adapter = rows, inverse, adapter
+        ctx.weight_meta = weight.shape, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return output.view_as(output)
+        return layer_forward(layer, x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        adapter = ctx.adapter
-        rows = transform_output_grad(adapter.grad_rows(grad), ctx.inverse, ctx.scale)
-        bias = adapter.bias_grad(grad).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
-        return adapter.grad_from_rows(rows, grad), bias, None, None, None
-
-
-class DivideGradient(torch.autograd.Function):
-    """Identity in forward; the gradient divided by ``divisor`` in backward."""
-
-    @staticmethod
-    def forward(ctx, tensor, divisor):  # noqa: D102
-        ctx.divisor = divisor
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad / ctx.divisor, None
+        adapter, rows = ctx.adapter, ctx.rows
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        transformed = transform_output_grad(adapter.grad_rows(grad), ctx.inverse, dtype)
+        weight_grad = None
+        if ctx.needs_input_grad[1]:
+            shape, weight_dtype = ctx.weight_meta
+            weight_grad = (transformed.mT @ rows.to(dtype)).reshape(shape).to(weight_dtype)
+        bias = adapter.bias_grad(grad).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return None, weight_grad, bias, None, None, None, None
 
 
 def layer_forward(layer: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -237,19 +231,13 @@ def _preconditioned_forward(
     group = None if state.defer else distributed.resolve(state.process_group)
     with _no_autocast(input.device):
         if group is None and _row_form(state, adapter, input, precision):
-            inverse = row_inverse(adapter.rows(x), state.lam, precision.host_solve)
+            rows = adapter.rows(x)
+            inverse = row_inverse(rows, state.lam, precision.host_solve)
         else:
             inverse = None
             stats = patch_statistics(adapter, x, precision, state)
-    if inverse is not None:  # the n×n form: the weight's gradient comes from the transformed D
-        # M·D may be up to 1/λ times D, past float16's range: in float16 the kernel gets
-        # λ·M·D (never larger than D) and its weight gradient is divided by λ
-        half = _output_dtype(x, weight) == torch.float16
-        scale = state.lam if half else 1.0
-        routed = DivideGradient.apply(weight, state.lam) if half else weight
-        bias = layer.bias
-        output = layer_forward(layer, x, routed, None if bias is None else bias.detach())
-        return TransformOutputGrad.apply(output, bias, inverse, adapter, scale)
+    if inverse is not None:  # the n×n form
+        return RowForm.apply(x, weight, layer.bias, rows, inverse, layer, adapter)
     work = None if group is None else distributed.all_reduce_async(stats.data, group)
     routed = PreconditionWeight.apply(weight, stats, state, layer, work)
     return layer_forward(layer, input, routed, layer.bias)
@@ -263,13 +251,6 @@ def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Pre
     n = adapter.num_patches(input)
     limit = adapter.dim if precision.fast_float64 else 0.6 * adapter.dim
     return 0 < n < limit and not state.defer and not input.requires_grad
-
-
-def _output_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype a Linear or Conv layer's output will have (autocast's, where it is on)."""
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return torch.promote_types(x.dtype, weight.dtype)
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
