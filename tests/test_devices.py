@@ -223,3 +223,13 @@ def test_compile_inductor_dynamic_is_exact():
             m.zero_grad(set_to_none=True)
             f(x).square().mean().backward()
         assert relative_error(net[0].weight.grad, eager[0].weight.grad) < 1e-6
+
+
+@pytest.mark.parametrize("statistics_dtype", [None, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 12), (4, 12)], ids=["n>=d", "n<d"])
+def test_any_lambda_on_rank_deficient_input_is_finite(shape, statistics_dtype):
+    """λ = 1e-12 on patches of rank 1 (every row the same bright vector), both forms."""
+    layer = trainact.TrAct(nn.Linear(12, 4), l=1e-12, statistics_dtype=statistics_dtype)
+    x = 200 + torch.arange(12.0).expand(*shape)
+    layer(x).square().mean().backward()
+    assert layer.weight.grad.isfinite().all()

@@ -74,7 +74,8 @@ class Precision:
             SPLIT_FLOAT32: "split float32 product (exact 7-bit part + float32 remainder, TF32 off)",
         }[self.product]
         solve = "on the CPU" if self.host_solve else "on the device"
-        return f"{self.device}: {product}; float64 assembly and solve {solve}; n×n form for n < d"
+        rows = "n < d" if self.fast_float64 else "n < 0.6·d"
+        return f"{self.device}: {product}; float64 assembly and solve {solve}; n×n form for {rows}"
 
 
 #: Largest mean square of the centered patch entries over λ for which the CPU's float32 product is

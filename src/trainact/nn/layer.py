@@ -27,7 +27,7 @@ from trainact.maths.precision import Precision, precision_for
 from trainact.maths.rows import row_inverse, transform_output_grad
 from trainact.nn import steps
 from trainact.nn.adapters import Adapter, adapter_for
-from trainact.nn.statistics import patch_statistics
+from trainact.nn.statistics import log_once, patch_statistics
 
 #: The attribute of an enabled layer that holds its :class:`TrActState`.
 STATE = "trainact_state"
@@ -233,6 +233,8 @@ def _preconditioned_forward(
         if group is None and _row_form(state, adapter, input, precision):
             rows = adapter.rows(x)
             inverse = row_inverse(rows, state.lam, precision.host_solve)
+            if not torch.compiler.is_compiling():
+                log_once(state.name, precision, state.lam, 1)
         else:
             inverse = None
             stats = patch_statistics(adapter, x, precision, state)

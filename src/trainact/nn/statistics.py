@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from trainact.distributed import world_size
 from trainact.maths import precision as policy
 from trainact.maths.statistics import PatchStatistics, SplitSums, split_quantum
 from trainact.nn.adapters import Adapter, adapter_from_spec
@@ -40,22 +41,24 @@ def patch_statistics(
             state.lam_vector,
             precision.product,
             precision.host_solve,
+            precision.fast_float64,
             precision.device,
             state.name,
+            world_size(state.process_group),
         )
         return PatchStatistics(data, adapter.groups, adapter.dim)
-    return _compute(adapter, x, precision, state.lam, state.name)
+    return _compute(adapter, x, precision, state.lam, state.name, world_size(state.process_group))
 
 
 def _compute(
-    adapter: Adapter, x: Tensor, precision: policy.Precision, lam: float, label: str
+    adapter: Adapter, x: Tensor, precision: policy.Precision, lam: float, label: str, world: int
 ) -> PatchStatistics:
     device = torch.device("cpu") if precision.host_solve else x.device
     stats = PatchStatistics.zeros(adapter.groups, adapter.dim, device)
     n = adapter.num_patches(x)
     if n == 0:
         return stats
-    _log_once(label, x.device, precision, lam)
+    log_once(label, precision, lam, world)
     with policy.ieee_float32_matmul():
         spread, mean = adapter.moments(x)
         if precision.product == policy.SPLIT_FLOAT32:
@@ -89,14 +92,22 @@ def _accumulate(
     return diagonal
 
 
-_logged: set[tuple[str, str, float, str]] = set()
+_logged: set[tuple[str, str, float, int]] = set()
 
 
-def _log_once(label: str, device: torch.device, precision: policy.Precision, lam: float) -> None:
-    key = (label, str(device), lam, precision.product)
+def log_once(label: str, precision: policy.Precision, lam: float, world: int) -> None:
+    """Log the precision policy a layer's statistics follow, once per layer, device, λ and
+    world size."""
+    key = (label, precision.describe(), lam, world)
     if key not in _logged:
         _logged.add(key)
-        logger.info("TrAct on %s, lambda=%g: %s", label or "<layer>", lam, precision.describe())
+        logger.info(
+            "TrAct on %s, lambda=%g, world size %d: %s",
+            label or "<layer>",
+            lam,
+            world,
+            precision.describe(),
+        )
 
 
 @torch.library.custom_op("trainact::patch_statistics", mutates_args=())
@@ -107,16 +118,18 @@ def _patch_statistics_op(
     lam: Tensor,
     product: str,
     host_solve: bool,
+    fast_float64: bool,
     device: str,
     label: str,
+    world: int,
 ) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
-    precision = policy.Precision(product, host_solve, True, device)
-    return _compute(adapter, x, precision, lam.item(), label).data
+    precision = policy.Precision(product, host_solve, fast_float64, device)
+    return _compute(adapter, x, precision, lam.item(), label, world).data
 
 
 @_patch_statistics_op.register_fake
-def _(x, spec, padding_mode, lam, product, host_solve, device, label):
+def _(x, spec, padding_mode, lam, product, host_solve, fast_float64, device, label, world):
     adapter = adapter_from_spec(spec, padding_mode)
     size = adapter.groups * adapter.dim * adapter.dim + 1
     return x.new_empty(size, dtype=torch.float64, device="cpu" if host_solve else x.device)
