@@ -3,8 +3,11 @@ TF32 never reaching the statistics, and torch.compile with dynamic batch sizes."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ from tract_reference import reference_tract_grad, relative_error
 import trainact
 from trainact.maths import precision
 from trainact.testing import exact_tract_grad
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 CPU = torch.device("cpu")
 
@@ -233,3 +238,39 @@ def test_any_lambda_on_rank_deficient_input_is_finite(shape, statistics_dtype):
     x = 200 + torch.arange(12.0).expand(*shape)
     layer(x).square().mean().backward()
     assert layer.weight.grad.isfinite().all()
+
+
+class EmulatedTF32(TorchDispatchMode):
+    """bmm with its float32 operands truncated to TF32's 10 mantissa bits, as tensor cores do,
+    whenever the matmul precision allows TF32."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (
+            func is torch.ops.aten.bmm.default
+            and torch.backends.cuda.matmul.fp32_precision != "ieee"
+        ):
+            args = tuple(
+                (a.view(torch.int32) & ~0x1FFF).view(torch.float32)
+                if isinstance(a, torch.Tensor) and a.dtype == torch.float32
+                else a
+                for a in args
+            )
+        return func(*args, **(kwargs or {}))
+
+
+def test_emulated_tf32_would_break_the_split_product(monkeypatch):
+    """Why the split product turns TF32 off: with TF32's rounding emulated and the switch
+    removed, raw pixels miss the target; with the switch, they meet it."""
+    import accuracy
+
+    images = accuracy.photos(64)
+    case = next(c for c in accuracy.CASES if c.name == "[0, 255], Linear on 8x8 tokens")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with EmulatedTF32():
+            assert accuracy.case_error(case, images, torch.float32) <= case.target
+            monkeypatch.setattr(precision, "ieee_float32_matmul", contextlib.nullcontext)
+            assert accuracy.case_error(case, images, torch.float32) > case.target
+    finally:
+        torch.set_float32_matmul_precision(before)
