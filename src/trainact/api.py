@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from typing import Any, TypeVar
 
@@ -12,9 +11,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from trainact import distributed
+from trainact.nn import checks, deferred, steps
 from trainact.nn import layer as tract_layer
-from trainact.nn import steps
-from trainact.nn.adapters import check_supported
 from trainact.nn.discovery import find_first_layer
 
 __all__ = [
@@ -31,16 +29,6 @@ logger = logging.getLogger("trainact")
 
 M = TypeVar("M", bound=nn.Module)
 
-_STATISTICS_DTYPES = (None, torch.float32, torch.float64)
-
-
-def _validate_lam(lam: float) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise ValueError(f"lam (λ) must be a positive finite number, got {lam!r}")
-    if not math.isfinite(lam) or lam <= 0:
-        raise ValueError(f"lam (λ) must be a positive finite number, got {lam!r}")
-    return float(lam)
-
 
 def _enable(
     layer: M,
@@ -50,44 +38,24 @@ def _enable(
     process_group: distributed.ProcessGroupArg,
     defer: bool,
 ) -> M:
-    lam = _validate_lam(lam)
-    if statistics_dtype not in _STATISTICS_DTYPES:
-        raise ValueError(
-            "statistics_dtype must be None, torch.float32 or torch.float64, "
-            f"got {statistics_dtype!r}"
-        )
-    distributed.validate_process_group(process_group)
+    lam = checks.validate_settings(lam, statistics_dtype, process_group)
     label = name or type(layer).__name__
     if tract_layer.state_of(layer) is not None:
         raise RuntimeError(
             f"TrAct is already enabled on {label}; call trainact.remove() first to change its "
             "settings"
         )
-    check_supported(tract_layer.plain_class(layer))
-    if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
-        raise RuntimeError(
-            f"{label} is a lazy layer whose weight is not initialized yet (its class changes at "
-            "the first forward): run one forward before enabling TrAct"
-        )
-    if "forward" in layer.__dict__:
-        raise RuntimeError(
-            f"{label} already has its forward replaced by {layer.__dict__['forward']!r}; TrAct "
-            "would discard it"
-        )
-    weight = tract_layer.weight_parameter(layer)  # never runs a parametrization
-    if weight.is_complex():
-        raise TypeError(f"TrAct supports real weights only; {label} has a {weight.dtype} weight")
-    if defer:
-        tract_layer.deferrable_weight(layer)
+    weight = checks.check_layer(layer, label, tract_layer.plain_class(layer), defer)
     state = tract_layer.TrActState(lam, statistics_dtype, process_group, defer, label)
     tract_layer.enable(layer, state)
     logger.info(
-        "TrAct enabled on %s (%s): lambda=%g, weight %s, statistics_dtype %s; world size %d%s "
+        "TrAct enabled on %s (%s): lambda=%g, weight %s%s, statistics_dtype %s; world size %d%s "
         "(the device's precision policy is logged at the first training step)",
         name or "<model>",
         tract_layer.plain_class(layer).__name__,
         lam,
         weight.dtype,
+        "" if weight.requires_grad else " (frozen)",
         statistics_dtype,
         distributed.world_size(process_group),
         ", deferred" if defer else "",
@@ -201,6 +169,7 @@ def apply(
     modules = dict(model.named_modules())
     if layer not in modules:
         raise ValueError(f"{type(model).__name__} has no submodule named {layer!r}")
+    checks.check_model(model, layer, defer)
     _enable(modules[layer], layer, lam, statistics_dtype, process_group, defer)
     return layer
 
@@ -244,7 +213,7 @@ def precondition_(model: nn.Module) -> int:
         NotImplementedError: a sharded (FSDP2) gradient of a grouped convolution.
     """
     return sum(
-        tract_layer.state_of(layer).precondition_pending(layer)
+        deferred.precondition(layer, tract_layer.state_of(layer))
         for _, layer in enabled_layers(model)
     )
 

@@ -14,18 +14,6 @@ from torch import Tensor
 ProcessGroupArg = Union[Literal["auto"], None, "dist.ProcessGroup"]
 
 
-def validate_process_group(process_group: object) -> None:
-    """Reject anything that is not "auto", None or a ProcessGroup, at enabling time."""
-    if process_group is None or process_group == "auto":
-        return
-    if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
-        return
-    raise ValueError(
-        f'process_group must be "auto", None or a torch.distributed.ProcessGroup, '
-        f"got {process_group!r}"
-    )
-
-
 def resolve(process_group: ProcessGroupArg) -> dist.ProcessGroup | None:
     """The group whose statistics are summed this step, or None for purely local statistics."""
     if process_group is None or not dist.is_available() or not dist.is_initialized():
@@ -79,6 +67,5 @@ __all__ = [
     "is_dtensor",
     "local",
     "resolve",
-    "validate_process_group",
     "world_size",
 ]

@@ -52,6 +52,10 @@ class LinearAdapter:
     def num_patches(self, input: Tensor) -> int:
         return input.numel() // self.dim if input.dim() > 0 else 0
 
+    def valid(self, input: Tensor) -> bool:
+        """Whether the layer's forward accepts ``input``'s shape (else it raises its own error)."""
+        return input.dim() > 0 and input.shape[-1] == self.dim
+
     def moments(self, input: Tensor) -> tuple[Tensor, Tensor]:
         """The mean of each input feature and the mean square of each centered feature over
         every row, ``(d,)`` float32 each (input non-empty)."""
@@ -143,6 +147,14 @@ class ConvAdapter:
     def num_patches(self, input: Tensor) -> int:
         batch = input.shape[0] if input.dim() == self.spatial + 2 else 1
         return batch * math.prod(self._output_size(input))
+
+    def valid(self, input: Tensor) -> bool:
+        """Whether the layer's forward accepts ``input``'s shape (a kernel no larger than the
+        padded input, the channel count right; else it raises its own error)."""
+        if input.dim() not in (self.spatial + 1, self.spatial + 2):
+            return False
+        channels = input.shape[1 if input.dim() == self.spatial + 2 else 0]
+        return channels == self.in_channels and all(s > 0 for s in self._output_size(input))
 
     def _batched(self, input: Tensor) -> Tensor:
         return input.unsqueeze(0) if input.dim() == self.spatial + 1 else input
@@ -268,30 +280,8 @@ def _var_mean(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
 Adapter = LinearAdapter | ConvAdapter
 
 
-def check_supported(cls: type[nn.Module]) -> None:
-    """TypeError naming ``cls`` unless it is a supported layer class.
-
-    Subclasses are accepted only when they keep the parent's forward, since TrAct re-runs that
-    forward with its own weight tensor; a subclass with its own forward (weight standardization,
-    say) would silently change meaning.
-    """
-    for base in SUPPORTED_TYPES:
-        if issubclass(cls, base) and cls.forward is base.forward:
-            if (
-                issubclass(cls, nn.modules.conv._ConvNd)
-                and cls._conv_forward is not base._conv_forward
-            ):
-                break
-            return
-    names = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_TYPES)
-    raise TypeError(
-        f"TrAct does not support {cls.__module__}.{cls.__qualname__}; "
-        f"supported layers are {names} (subclasses only when they keep the parent's forward)"
-    )
-
-
 def adapter_for(layer: nn.Module) -> Adapter:
-    """The adapter of a layer that :func:`check_supported` accepted."""
+    """The adapter of a layer that :func:`trainact.nn.checks.check_supported` accepted."""
     return (
         LinearAdapter(layer.in_features) if isinstance(layer, nn.Linear) else ConvAdapter.of(layer)
     )

@@ -1,13 +1,21 @@
-"""TrAct inside a layer: its per-layer state, its forward, and the autograd function on the weight.
+"""TrAct inside a layer: its settings, its forward, and the autograd functions of both forms.
 
 Enabling TrAct swaps the layer's class for a generated subclass (``TrActConv2d`` for a
-``Conv2d``, as ``torch.nn.utils.parametrize`` does) whose ``forward`` routes the weight through
-:class:`PreconditionWeight`, and keeps a :class:`TrActState` on the layer. The layer's own
-kernels still compute the forward, the input and bias gradients and the plain weight gradient G;
-the identity function between the parameter and the layer hands its backward exactly the G of
-this call with this call's statistics (several calls per step, checkpoint recomputation and
-torch.compile keep that pairing). The state holds no reference to the layer (no cycle: ``del
-model`` frees it at once) and nothing in ``state_dict()``.
+``Conv2d``, as ``torch.nn.utils.parametrize`` does) and keeps a :class:`TrActState` (the
+settings) on the layer. In a training call the statistics of the call's input are computed, and:
+
+- the d×d form routes the weight through :class:`PreconditionWeight`, an identity whose backward
+  turns this call's plain G into G·(XᵀX/n + λI)⁻¹ (or, with ``defer=True``, hands the statistics
+  to :mod:`trainact.nn.deferred` and G passes through); the layer's own kernels compute the
+  forward, the input and bias gradients and G. Summed over a process group, the statistics'
+  all-reduce starts when the call's output gradient arrives (:class:`ReduceInBackward`), so a
+  forward whose backward never runs communicates nothing;
+- the n×n form (n < d) runs the layer's op inside :class:`RowForm`.
+
+Each call is preconditioned with its own statistics (the paper's Lemma, per forward); several
+calls (checkpoint recomputation, two inputs) and torch.compile keep that pairing. The state holds
+no reference to the layer (no cycle: ``del model`` frees it at once) and nothing in
+``state_dict()``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from trainact import distributed
 from trainact.maths import PatchStatistics
 from trainact.maths.precision import Precision, precision_for
 from trainact.maths.rows import row_inverse, transform_output_grad
-from trainact.nn import steps
+from trainact.nn import checks, deferred
 from trainact.nn.adapters import Adapter, adapter_for
 from trainact.nn.statistics import log_once, patch_statistics
 
@@ -34,7 +42,7 @@ STATE = "trainact_state"
 
 
 class TrActState:
-    """One layer's TrAct settings and its deferred statistics (``defer=True``)."""
+    """One layer's TrAct settings."""
 
     def __init__(
         self,
@@ -44,7 +52,7 @@ class TrActState:
         defer: bool,
         name: str = "",
     ) -> None:
-        self.name = name  # the layer's name in its model, for the log
+        self.name = name  # the layer's name in its model, for messages and the log
         self.lam = lam
         # λ for the custom op under torch.compile: a float argument (symbolic with
         # dynamic=True) would make dynamo compile twice to specialize it, and so would a 0-dim
@@ -53,41 +61,6 @@ class TrActState:
         self.statistics_dtype = statistics_dtype
         self.process_group = process_group
         self.defer = defer
-        self.pending: PatchStatistics | None = None  # summed over backward passes (defer)
-
-    def accumulate(self, stats: PatchStatistics, layer: nn.Module) -> None:
-        """Add one backward pass's statistics to the deferred sum (``defer=True``)."""
-        self.pending = stats.clone() if self.pending is None else self.pending.merge_(stats)
-        steps.mark_pending(layer)
-
-    def precondition_pending(self, layer: nn.Module) -> bool:
-        """Replace ``weight.grad`` by G·(XᵀX/n + λI)⁻¹ with the deferred sums (summed over the
-        process group), then reset them. False when nothing was pending."""
-        if self.pending is None:
-            return False
-        stats, self.pending = self.pending, None
-        steps.unmark_pending(layer)
-        distributed.all_reduce(stats.data, distributed.resolve(self.process_group))
-        weight = deferrable_weight(layer)
-        if weight.grad is None:
-            raise RuntimeError(
-                f"TrAct (defer=True) on {type(layer).__name__}: statistics are pending but the "
-                "weight has no gradient (was zero_grad() called between backward and "
-                "trainact.precondition_?)"
-            )
-        shard = distributed.local(weight.grad)
-        if shard.shape != weight.grad.shape and stats.groups > 1:
-            raise NotImplementedError("sharded gradients of grouped convolutions")
-        with torch.no_grad():
-            shard.copy_(stats.precondition(shard, self.lam))
-        return True
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> TrActState:
-        """Copies (an EMA model, say) share the settings, the process group included, and
-        start with no pending statistics: those belong to the original's gradient."""
-        new = TrActState.__new__(TrActState)
-        new.__dict__.update(self.__dict__, pending=None)
-        return new
 
     def __getstate__(self) -> dict[str, Any]:
         if self.process_group not in (None, "auto"):
@@ -96,66 +69,75 @@ class TrActState:
                 "ProcessGroup belongs to one process): save model.state_dict(), or enable TrAct "
                 'with process_group="auto"'
             )
-        return {**self.__dict__, "pending": None}
+        return self.__dict__
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TrActState:
+        """Copies (an EMA model, say) share the settings, the process group included."""
+        new = TrActState.__new__(TrActState)
+        new.__dict__.update(self.__dict__, lam_vector=self.lam_vector.clone())
+        return new
 
     def __repr__(self) -> str:
         return f"TrActState(lam={self.lam}, defer={self.defer})"
 
 
-def deferrable_weight(layer: nn.Module) -> nn.Parameter:
-    """The weight Parameter whose ``.grad`` deferred TrAct rewrites; a clear error where the
-    weight is computed (parametrize, weight_norm, spectral_norm): its ``.grad`` never exists."""
-    weight = layer._parameters.get("weight")
-    if weight is None:
-        raise RuntimeError(
-            f"TrAct with defer=True needs {type(layer).__name__}.weight to be a Parameter, but "
-            "it is computed (torch.nn.utils.parametrize, weight_norm or spectral_norm), so it "
-            "has no .grad to precondition: use defer=False (the default)"
-        )
-    return weight
+class _Reduction:
+    """One call's statistics summed over a process group: started in backward (see
+    :class:`ReduceInBackward`), waited where the gradient is preconditioned."""
+
+    __slots__ = ("stats", "group", "work")
+
+    def __init__(self, stats: PatchStatistics, group: Any) -> None:
+        self.stats, self.group, self.work = stats, group, None
+
+    def start(self) -> None:
+        if self.work is None:
+            self.work = distributed.all_reduce_async(self.stats.data, self.group)
+
+    def wait(self) -> None:
+        self.start()
+        self.work.wait()
 
 
-def weight_parameter(layer: nn.Module) -> Tensor:
-    """The layer's weight Parameter (its original under parametrize, weight_norm or
-    spectral_norm), read without running a parametrization (spectral_norm's power iteration
-    would change the model)."""
-    for source in (
-        lambda: layer._parameters["weight"],
-        lambda: next(layer.parametrizations.weight.parameters()),  # original, or original0/1
-        lambda: layer._parameters["weight_orig"],
-        lambda: layer._parameters["weight_v"],
-    ):
-        try:
-            weight = source()
-        except (AttributeError, KeyError, StopIteration):
-            continue
-        if weight is not None:
-            return weight
-    raise TypeError(f"{type(layer).__name__} has no weight parameter")
+class ReduceInBackward(torch.autograd.Function):
+    """Identity on the layer's output; its backward, which runs when the output gradient
+    arrives (before the layer's own backward kernels), starts the statistics' all-reduce, so
+    that it overlaps them."""
+
+    @staticmethod
+    def forward(ctx, output, reduction):  # noqa: D102
+        ctx.reduction = reduction
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        ctx.reduction.start()
+        return grad, None
 
 
 class PreconditionWeight(torch.autograd.Function):
     """Identity on the weight in forward; in backward, G becomes G·(XᵀX/n + λI)⁻¹ per group.
 
-    With ``state.defer`` the statistics are added to the layer's deferred sums instead and G
-    passes through unchanged.
+    With ``state.defer`` the statistics go to :mod:`trainact.nn.deferred` instead and G passes
+    through unchanged.
     """
 
     @staticmethod
-    def forward(ctx, weight, stats, state, layer, work):  # noqa: D102
+    def forward(ctx, weight, stats, state, layer, reduction):  # noqa: D102
         # Kept on ctx, not saved: non-reentrant checkpointing would otherwise hand backward the
-        # recomputed statistics, whose all-reduce is not the ``work`` waited on below.
-        ctx.stats, ctx.state, ctx.layer, ctx.work = stats, state, layer, work
+        # recomputed statistics.
+        ctx.stats, ctx.state, ctx.layer, ctx.reduction = stats, state, layer, reduction
+        ctx.weight = weight if state.defer else None  # the leaf the deferred gradient goes to
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         stats, state = ctx.stats, ctx.state
-        if ctx.work is not None:
-            ctx.work.wait()  # the all-reduce started in forward, overlapped with the step
         if state.defer:
-            state.accumulate(stats, ctx.layer)
+            deferred.accumulate(ctx.layer, state, stats, ctx.weight)
             return grad, None, None, None, None
+        if ctx.reduction is not None:
+            ctx.reduction.wait()
         return stats.precondition(grad, state.lam), None, None, None, None
 
 
@@ -198,16 +180,7 @@ def tract_forward(layer: nn.Module, state: TrActState, input: Tensor) -> Tensor:
     weight = layer.weight  # read once (parametrizations run here)
     if not (layer.training and torch.is_grad_enabled() and weight.requires_grad):
         return layer_forward(layer, input, weight, layer.bias)
-    if getattr(layer, "_is_replica", False):
-        raise RuntimeError(
-            "TrAct does not support nn.DataParallel (its replicas would each precondition with "
-            "their own device's statistics): use DistributedDataParallel, one process per GPU"
-        )
-    if torch.compiler.is_exporting():
-        raise RuntimeError(
-            "torch.export captures the forward only, and TrAct changes only the backward: "
-            "export in eval mode (model.eval()) or after trainact.remove(model)"
-        )
+    checks.check_call(layer, weight, input, state.defer)
     if state.defer or distributed.resolve(state.process_group) is not None:
         if torch.compiler.is_compiling():
             return _eagerly()(layer, state, input, weight)
@@ -216,9 +189,10 @@ def tract_forward(layer: nn.Module, state: TrActState, input: Tensor) -> Tensor:
 
 @functools.cache
 def _eagerly() -> Any:
-    """:func:`_preconditioned_forward` run eagerly under torch.compile: deferred sums (Python
-    state) and asynchronous collectives (Work handles) do not trace, so this layer runs eagerly
-    and the rest stays compiled. Made on first use (torch.compiler.disable imports dynamo)."""
+    """:func:`_preconditioned_forward` run eagerly under torch.compile: deferred statistics
+    (Python state) and asynchronous collectives (Work handles) do not trace, so this layer runs
+    eagerly and the rest stays compiled. Made on first use (torch.compiler.disable imports
+    dynamo)."""
     return torch.compiler.disable(_preconditioned_forward)
 
 
@@ -226,23 +200,27 @@ def _preconditioned_forward(
     layer: nn.Module, state: TrActState, input: Tensor, weight: Tensor
 ) -> Tensor:
     adapter = adapter_for(layer)
-    precision = precision_for(input.device, state.statistics_dtype, input.dtype)
     x = input.detach()
+    patches = x.values() if x.is_nested else x  # a jagged batch's rows (nn.Linear)
+    if not adapter.valid(patches):  # a kernel larger than the input: the layer's own error
+        return layer_forward(layer, input, weight, layer.bias)
+    precision = precision_for(input.device, state.statistics_dtype, input.dtype)
     group = None if state.defer else distributed.resolve(state.process_group)
     with _no_autocast(input.device):
-        if group is None and _row_form(state, adapter, input, precision):
+        if group is None and not x.is_nested and _row_form(state, adapter, input, precision):
             rows = adapter.rows(x)
             inverse = row_inverse(rows, state.lam, precision.host_solve)
             if not torch.compiler.is_compiling():
                 log_once(state.name, precision, state.lam, 1)
         else:
             inverse = None
-            stats = patch_statistics(adapter, x, precision, state)
+            stats = patch_statistics(adapter, patches, precision, state)
     if inverse is not None:  # the n×n form
         return RowForm.apply(x, weight, layer.bias, rows, inverse, layer, adapter)
-    work = None if group is None else distributed.all_reduce_async(stats.data, group)
-    routed = PreconditionWeight.apply(weight, stats, state, layer, work)
-    return layer_forward(layer, input, routed, layer.bias)
+    reduction = None if group is None else _Reduction(stats, group)
+    routed = PreconditionWeight.apply(weight, stats, state, layer, reduction)
+    output = layer_forward(layer, input, routed, layer.bias)
+    return output if reduction is None else ReduceInBackward.apply(output, reduction)
 
 
 def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Precision) -> bool:
@@ -276,6 +254,20 @@ class TrActLayer(nn.Module):
     def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
         # The generated class cannot be imported by name: rebuild it from the layer's own class.
         return (_rebuild, (self._trainact_base,), self.__getstate__())
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles instead of this layer: the plain layer, sharing
+        its parameters, in eval mode (TrAct then changes nothing); an error in training mode,
+        where TrAct's Python forward and backward cannot be scripted."""
+        if self.training:
+            raise RuntimeError(
+                f"torch.jit.script cannot keep TrAct on {type(self).__name__} (its forward and "
+                "backward are Python): script the model in eval mode (model.eval()) for "
+                "inference, or after trainact.remove(model)"
+            )
+        plain = self._trainact_base.__new__(self._trainact_base)
+        plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != STATE})
+        return plain
 
 
 _CLASSES: dict[type[nn.Module], type[TrActLayer]] = {}
@@ -348,7 +340,7 @@ def disable(layer: nn.Module) -> None:
     without its state the layer then computes the plain forward.
     """
     del layer.__dict__[STATE]
-    steps.unmark_pending(layer)
+    deferred.drop(layer)
     cls = type(layer)
     if cls in _PARAMETRIZED_ORIGINAL:
         layer.__class__ = _PARAMETRIZED_ORIGINAL[cls]

@@ -1,7 +1,8 @@
 """Deferred TrAct at the optimizer step: the missed-precondition guard and ``precondition_on_step``.
 
 Both live in one global optimizer step pre-hook, installed the first time a layer defers
-statistics or a model is registered for preconditioning on step. It runs inside every
+statistics or a model is registered for preconditioning on step. The deferred statistics
+themselves belong to :mod:`trainact.nn.deferred`. It runs inside every
 ``torch.optim`` optimizer's ``step()`` (fused and foreach kernels included, and wrappers such as
 accelerate's or Lightning's that call it), before any weight changes:
 
@@ -22,12 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-# Layers with deferred statistics not yet preconditioned.
-_pending: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+from trainact.nn import deferred
+
 # optimizer -> {handle id: callable that preconditions one model}, for precondition_on_step.
 _on_step: weakref.WeakKeyDictionary[torch.optim.Optimizer, OrderedDict[int, Callable[[], Any]]] = (
     weakref.WeakKeyDictionary()
@@ -35,20 +35,11 @@ _on_step: weakref.WeakKeyDictionary[torch.optim.Optimizer, OrderedDict[int, Call
 _hook: RemovableHandle | None = None
 
 
-def _install() -> None:
+def install() -> None:
+    """Install the global optimizer step pre-hook (once)."""
     global _hook
     if _hook is None:
         _hook = register_optimizer_step_pre_hook(_before_step)
-
-
-def mark_pending(layer: nn.Module) -> None:
-    """``layer`` holds deferred statistics that its next optimizer step must not skip."""
-    _install()
-    _pending.add(layer)
-
-
-def unmark_pending(layer: nn.Module) -> None:
-    _pending.discard(layer)
 
 
 def unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -71,7 +62,7 @@ def unwrap(optimizer: Any) -> torch.optim.Optimizer:
 def on_step(optimizer: Any, finish: Callable[[], Any]) -> RemovableHandle:
     """Call ``finish`` inside every ``step()`` of ``optimizer`` (unwrapped), after a closure's
     backward and before the update; the handle's ``remove()`` stops it."""
-    _install()
+    install()
     calls = _on_step.setdefault(unwrap(optimizer), OrderedDict())  # weakly referenced by handle
     handle = RemovableHandle(calls)
     calls[handle.id] = finish
@@ -80,7 +71,7 @@ def on_step(optimizer: Any, finish: Callable[[], Any]) -> RemovableHandle:
 
 def _before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
     calls = _on_step.get(optimizer)
-    if not calls and not _pending:
+    if not calls and not deferred.pending_layers():
         return None
     # ``args`` is (optimizer, *step's positional arguments)
     closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -101,10 +92,11 @@ def _before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) ->
 def _finish(optimizer: torch.optim.Optimizer) -> None:
     for finish in list(_on_step.get(optimizer, {}).values()):
         finish()
-    if not _pending:
+    pending = deferred.pending_layers()
+    if not pending:
         return
     updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for layer in list(_pending):
+    for layer in pending:
         if id(layer._parameters.get("weight")) in updated:
             raise RuntimeError(
                 f"TrAct (defer=True) on {type(layer).__name__}: optimizer.step() would use a "
