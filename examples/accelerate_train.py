@@ -1,14 +1,14 @@
 """TrAct with accelerate: ``defer=True`` and ``precondition_`` on the step's last micro-batch.
 
     pip install "trainact[accelerate]"
-    python examples/accelerate_train.py                             # 8 epochs
-    python examples/accelerate_train.py --tiny                      # seconds
-    accelerate launch --num-processes 2 examples/accelerate_train.py
+    python examples/accelerate_train.py           # 8 epochs
+    python examples/accelerate_train.py --tiny    # seconds
 
 ``trainact.apply(model, defer=True)`` before ``accelerator.prepare`` sums XᵀX and n over the
-micro-batches of a step (and over all processes); ``trainact.precondition_(model)`` applies TrAct
-once when ``accelerator.sync_gradients`` says the step's gradient is complete, before
-clipping. The data is a synthetic 4-class task: replace ``quadrant_images`` with your own.
+micro-batches of a step (and over the processes of a distributed run);
+``trainact.precondition_(model)`` applies TrAct once when ``accelerator.sync_gradients`` says
+the step's gradient is complete, before clipping. The data is a synthetic 4-class task:
+replace ``quadrant_images`` with your own.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """TrAct with the Hugging Face Trainer: ``TrActTrainer`` trains a small ViT built from a config.
 
     pip install "trainact[huggingface]"
-    python examples/huggingface_train.py                          # 3 epochs
-    python examples/huggingface_train.py --tiny                   # seconds
-    torchrun --nproc-per-node 2 examples/huggingface_train.py     # DDP, as the Trainer does it
+    python examples/huggingface_train.py          # 3 epochs
+    python examples/huggingface_train.py --tiny   # seconds
 
 ``TrActTrainer`` is ``transformers.Trainer`` plus ``tract_lam`` / ``tract_layer``: it enables
 TrAct on the patch embedding, sums the statistics over the micro-batches of a step

@@ -1,9 +1,9 @@
 """TrAct with Lightning: ``TrActCallback`` on a LightningModule, with accumulation and clipping.
 
     pip install "trainact[lightning]"
-    python examples/lightning_train.py                          # 8 epochs
-    python examples/lightning_train.py --tiny                   # seconds
-    python examples/lightning_train.py --devices 2 --strategy ddp
+    python examples/lightning_train.py                                # 8 epochs
+    python examples/lightning_train.py --tiny                         # seconds
+    python examples/lightning_train.py --devices 2 --strategy ddp     # 2 processes
 
 The callback enables TrAct when ``fit`` starts (on the first layer, found by a forward run on
 ``example_input_array``), preconditions in ``on_before_optimizer_step`` (after the step's last
@@ -58,7 +58,8 @@ class Classifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), prog_bar=True)
+        accuracy = (self(x).argmax(1) == y).float().mean()
+        self.log("val_acc", accuracy, prog_bar=True, sync_dist=True)  # averaged over processes
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
@@ -96,7 +97,8 @@ def main() -> None:
         enable_progress_bar=not args.tiny,
     )
     trainer.fit(Classifier(args.lr), train, val)
-    print(f"val accuracy {trainer.callback_metrics['val_acc']:.4f}")
+    if trainer.is_global_zero:
+        print(f"val accuracy {trainer.callback_metrics['val_acc']:.4f}")
 
 
 if __name__ == "__main__":
