@@ -39,6 +39,10 @@ def run(command: list[str], cwd: Path, cache_dir: Path, timeout: float = 180) ->
     ) as process:
         try:
             out, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, _ = process.communicate()
+            pytest.fail(f"{command[-1]} still running after {timeout} s:\n{out[-5000:]}")
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
