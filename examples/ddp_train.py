@@ -47,8 +47,13 @@ def main() -> None:
         device = torch.device("cpu")
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if distributed else 0
+    train(args, device, distributed)
+    if distributed:  # after train() returned: DDP's buffers and pending work are freed by now
+        dist.destroy_process_group()
 
+
+def train(args: argparse.Namespace, device: torch.device, distributed: bool) -> None:
+    rank = dist.get_rank() if distributed else 0
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -76,9 +81,6 @@ def main() -> None:
         optimizer.step()
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {loss.item() * args.accumulate:.4f}", flush=True)
-
-    if distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
