@@ -372,3 +372,29 @@ def test_training_at_three_threads_does_not_crash(subset_cache: Path, tmp_path: 
     done = trainact_cli(args)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     assert "final test accuracy" in done.stdout
+
+
+def test_the_cli_starts_and_locks_without_fcntl(tmp_path: Path) -> None:
+    """Windows has no fcntl: the command must start and still keep a directory to one job."""
+    code = (
+        "import sys, warnings; sys.modules['fcntl'] = None; warnings.simplefilter('ignore')\n"
+        "from trainact.experiments import cli, rundir\n"
+        "with rundir.claim(sys.argv[1], 'compare', {}):\n"
+        "    try:\n"
+        "        with rundir.claim(sys.argv[1], 'compare', {}):\n"
+        "            print('second claim held')\n"
+        "    except FileExistsError as err:\n"
+        "        print('refused:', err)\n"
+        "sys.exit(cli.main(['--version']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout
+    assert "in use by another trainact job (compare, pid" in done.stdout
+    assert "trainact 0." in done.stdout

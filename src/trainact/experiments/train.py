@@ -91,7 +91,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "none"  # none | bf16 | fp16 (fp16 with a GradScaler)
     compile: bool = False
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 250  # images per evaluation batch (on a CPU, 1000 runs slower)
 
     def __post_init__(self) -> None:
         self.validate()
