@@ -306,3 +306,28 @@ def test_the_budget_axis_reads_the_budgets(figures, tmp_path):
     ax = figures[0].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]
     assert ax.get_title() == "title"
+
+
+def test_the_main_job_is_three_epochs_of_five_seeds_on_one_thread(monkeypatch):
+    """``trainact compare`` with no options: the configuration docs/experiments.md measured."""
+    called = {}
+
+    def fake_compare(cfg, seeds, out, **kw):
+        called.update(cfg=cfg, seeds=list(seeds), threads=torch.get_num_threads())
+
+    monkeypatch.setattr(compare, "compare", fake_compare)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli.main(["compare"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    cfg = called["cfg"]
+    assert (cfg.model, cfg.dataset, cfg.epochs, cfg.batch_size) == (
+        "resnet-tiny",
+        "cifar10-subset",
+        3,
+        128,
+    )
+    assert cfg.train_subset is None and cfg.test_subset is None  # all 10,000 and 2,000 images
+    assert called["seeds"] == [0, 1, 2, 3, 4] and called["threads"] == 1

@@ -6,7 +6,8 @@ ViT-CIFAR repository (github.com/omihub777/ViT-CIFAR, ``main.py`` with ``--patch
 --label-smoothing --autoaugment``) and weiaicunzai's CIFAR-100 recipe
 (github.com/weiaicunzai/pytorch-cifar100, ``train.py``). ``docs/experiments.md`` lists what still
 differs from each and why. A preset's learning rate may depend on the epoch budget, as in the
-paper; every field can still be overridden on the command line. Presets run the paper's 5 seeds.
+paper; every field can still be overridden on the command line. compare and sweep run the
+paper's 5 seeds by default, with a preset or without.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ CIFAR100_NORMALIZATION = {
     "mean": (0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
     "std": (0.2673342858792401, 0.2564384629170883, 0.27615047132568404),
 }
-PAPER_SEEDS = (0, 1, 2, 3, 4)
 
 
 def _resnet18_cifar10_sgd(epochs: int) -> dict[str, Any]:
@@ -112,12 +112,11 @@ def _resnet18_cifar100(epochs: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Preset:
-    """A paper setup: its Config fields for an epoch budget, the paper's budgets and seeds."""
+    """A paper setup: its Config fields for an epoch budget, and the paper's budgets."""
 
     make: Callable[[int], dict[str, Any]]
     budgets: tuple[int, ...]  # epochs; the first is the default of train and compare
     summary: str
-    seeds: tuple[int, ...] = PAPER_SEEDS
 
 
 PRESETS: dict[str, Preset] = {

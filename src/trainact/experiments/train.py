@@ -55,8 +55,9 @@ class Config:
     """Every knob of a run, checked when it is made. Units in comments; ``None`` means "from
     the dataset" (or "as the rest", for the first layer's optimizer).
 
-    The defaults are the CPU demonstration of ``trainact compare`` (minutes on two cores) with
-    the paper's CIFAR-10 SGD recipe (lr 0.08, momentum 0.9, cosine per step, batch 128).
+    The defaults are the main job, ``trainact compare`` (about 3 minutes on one CPU core for its
+    5 seeds), with the paper's CIFAR-10 SGD recipe (lr 0.08, momentum 0.9, cosine per step,
+    batch 128); ``docs/experiments.md`` says why 3 epochs and 5 seeds.
     """
 
     dataset: str = "cifar10-subset"  # a name or the path of an image folder / archive
@@ -66,7 +67,7 @@ class Config:
     model: str = "resnet-tiny"
     method: str = "baseline"  # baseline | tract
     lam: float = 0.1  # TrAct's λ
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 128  # images per step
     drop_last: bool = False  # skip an epoch's last, partial batch
     optimizer: str = "sgd"  # sgd | adam | adamw
