@@ -207,9 +207,7 @@ def _parser() -> argparse.ArgumentParser:
         "compare", help="baseline vs TrAct over seeds (the main job)", description=defaults
     )
     _add_config_args(p, method=False)
-    p.add_argument(
-        "--seeds", type=int, nargs="+", help=f"default: {seeds}, the paper's 5"
-    )
+    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {seeds}, the paper's 5")
     p.add_argument(
         "--out",
         type=Path,
@@ -228,9 +226,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         help="epoch budgets (default: the preset's, the paper's grid; without one 1 2 4)",
     )
-    p.add_argument(
-        "--seeds", type=int, nargs="+", help=f"default: {seeds}, the paper's 5"
-    )
+    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {seeds}, the paper's 5")
     p.add_argument(
         "--lams",
         type=float,
@@ -321,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sweep" and args.lams is not None and args.lam is not None:
             raise ValueError("--lam and --lams both set TrAct's λ: give one of them")
-        fixed = {} if args.command == "train" else {"method": "baseline"}
+        preset = get_preset(args.preset) if args.preset else None
+        fixed: dict = {} if args.command == "train" else {"method": "baseline"}
+        if args.command == "sweep":  # its configuration is each budget's; check the first one's
+            budgets = args.budgets or (preset.budgets if preset else (1, 2, 4))
+            fixed["epochs"] = budgets[0]
         resuming = args.command == "train" and args.resume
         saved = saved_job(args.out, "train")["config"] if resuming else None
         cfg = build_config(args, saved, **fixed)
@@ -346,12 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                 + f"; run in {out}"
             )
             return 0
-        preset = get_preset(args.preset) if args.preset else None
         seeds = args.seeds or DEFAULT_SEEDS
         if args.command == "compare":
             compare(cfg, seeds, args.out or _default_out("compare"), progress=progress)
         else:
-            budgets = args.budgets or (preset.budgets if preset else (1, 2, 4))
             sweep(
                 cfg,
                 budgets,
