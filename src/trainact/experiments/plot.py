@@ -209,9 +209,8 @@ def plot_finals(directories: list[Path], path: Path, title: str = "", metric: st
     ax.set_xticks(range(len(directories)), labels)
     ax.set_xlim(-0.6, len(directories) - 0.4)
     ax.set_ylabel(f"final {METRIC_LABELS[metric]}")
-    ax.set_title(
-        title or "final accuracy, bars ± 1 std over seeds; below: TrAct − baseline [95% CI], points"
-    )
+    ax.set_title(title or "final accuracy, bars ± 1 std over seeds")
+    ax.set_xlabel("below each: TrAct − baseline, paired [95% CI], points")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     return _save(fig, path)
