@@ -406,8 +406,14 @@ def test_missing_official_archive_offline(tmp_path: Path) -> None:
     message = str(err.value)
     assert str(tmp_path / "cifar-100-python.tar.gz") in message
     assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in message
-    assert "--dataset /path/to/folder-or-archive" in message
-    assert "cifar10-jpeg.tar.gz" in message
+    assert "pass --dataset with the path of an image folder or archive" in message
+    assert "shared" not in message and "../" not in message  # no path of this project's own
+
+
+def test_a_missing_dataset_path_is_no_such_file(tmp_path: Path) -> None:
+    for missing in (tmp_path / "nope.tar.gz", "nope.tar.gz", "data/cifar", "./x"):
+        with pytest.raises(FileNotFoundError, match=f"{missing}: no such file or directory"):
+            load_dataset(missing, tmp_path, progress=False)
 
 
 def test_failed_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -459,6 +465,16 @@ def test_unknown_name_lists_the_valid_ones(tmp_path: Path) -> None:
     for name in DATASET_NAMES:
         assert name in str(err.value)
     assert "path" in str(err.value) and "archive" in str(err.value)
+    assert "no such file" not in str(err.value)  # a name, not a path
+
+
+def test_test_subset_is_stratified_and_the_same_for_every_seed(subset_cache: Path) -> None:
+    a = load_dataset("cifar10-subset", subset_cache, test_subset=500, seed=0, progress=False)
+    b = load_dataset("cifar10-subset", subset_cache, test_subset=500, seed=7, progress=False)
+    assert a.test_images.shape[0] == 500 and torch.equal(a.test_images, b.test_images)
+    assert torch.bincount(a.test_labels).tolist() == [50] * 10
+    with pytest.raises(ValueError, match="test_subset=3000 exceeds the 2000 test images"):
+        load_dataset("cifar10-subset", subset_cache, test_subset=3000, progress=False)
 
 
 def test_not_an_archive(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def records(curves: dict[str, list[list[float]]], seconds: dict[str, float]) -> 
 
 def test_speedup_is_claimed_in_epochs_and_seconds_when_beyond_the_uncertainty():
     base = [[0.30, 0.40, 0.50, 0.60], [0.31, 0.41, 0.51, 0.61], [0.29, 0.39, 0.49, 0.59]]
-    tract = [[0.40, 0.65, 0.66, 0.70], [0.41, 0.66, 0.68, 0.72], [0.39, 0.64, 0.66, 0.71]]
+    tract = [[0.40, 0.65, 0.66, 0.70], [0.41, 0.67, 0.68, 0.72], [0.39, 0.64, 0.66, 0.71]]
     ev = compare_evidence(
         records({"baseline": base, "tract": tract}, {"baseline": 10, "tract": 12}), 4
     )
@@ -149,8 +149,31 @@ def test_one_seed_claims_nothing():
         records({"baseline": [[0.3, 0.4]], "tract": [[0.6, 0.7]]}, {"baseline": 1, "tract": 1}), 2
     )
     assert ev["speedup"] is None and ev["final_difference"]["low"] is None
-    assert ev["final_verdict"] == "uncertainty cannot be estimated (1 seed)"
+    assert (
+        ev["final_verdict"]
+        == "uncertainty cannot be estimated (1 seed; an interval needs 3 or more)"
+    )
     assert "cannot be estimated" in compare_verdict(ev, 2)[0]
+
+
+def test_no_interval_from_two_seeds_or_from_zero_spread():
+    two = paired_difference({0: 0.5, 1: 0.52}, {0: 0.47, 1: 0.49})  # both +3.00: tied
+    assert two.n == 2 and two.low is None and not two.measurable
+    assert two.text() == "+3.00 [no interval: 2 seeds]"
+    tied = paired_difference({0: 0.5, 1: 0.52, 2: 0.6}, {0: 0.47, 1: 0.49, 2: 0.57})
+    assert tied.n == 3 and tied.low is None and tied.text() == "+3.00 [no interval: no spread]"
+    assert "all equal" in tied.why_no_interval
+    ev = compare_evidence(
+        records(
+            {"baseline": [[0.3, 0.47], [0.3, 0.49]], "tract": [[0.3, 0.5], [0.3, 0.52]]},
+            {"baseline": 1, "tract": 1},
+        ),
+        2,
+    )
+    assert ev["speedup"] is None and ev["final_difference"]["low"] is None
+    text = "\n".join(compare_verdict(ev, 2))
+    assert "cannot be estimated (2 seeds; an interval needs 3 or more)" in text
+    assert "[-3.00" not in text and "[+3.00, +3.00]" not in text and "speed-up:" not in text
 
 
 def test_sweep_evidence_per_budget_and_lambda():

@@ -246,7 +246,7 @@ def test_compare_names_the_field_that_differs(tiny: ImageDataset, tmp_path: Path
         (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
         (["--std", "0.2", "0", "0.2"], "--std must be positive, got (0.2, 0.0, 0.2)"),
         (["--mean", "0", "inf", "0"], "--mean must be three finite numbers"),
-        (["--warmup-epochs", "6"], "--warmup-epochs must be at least 0 and below --epochs (6)"),
+        (["--warmup-epochs", "3"], "--warmup-epochs must be at least 0 and below --epochs (3)"),
         (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
         (["--seed", str(2**32)], f"--seed must be in [0, {2**32 - 1}], got {2**32}"),
         (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
@@ -372,3 +372,37 @@ def test_training_at_three_threads_does_not_crash(subset_cache: Path, tmp_path: 
     done = trainact_cli(args)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     assert "final test accuracy" in done.stdout
+
+
+def test_the_cli_starts_and_locks_without_fcntl(tmp_path: Path) -> None:
+    """Windows has no fcntl: the command must start and still keep a directory to one job."""
+    code = (
+        "import sys, warnings; sys.modules['fcntl'] = None; warnings.simplefilter('ignore')\n"
+        "from trainact.experiments import cli, rundir\n"
+        "with rundir.claim(sys.argv[1], 'compare', {}):\n"
+        "    try:\n"
+        "        with rundir.claim(sys.argv[1], 'compare', {}):\n"
+        "            print('second claim held')\n"
+        "    except FileExistsError as err:\n"
+        "        print('refused:', err)\n"
+        "sys.exit(cli.main(['--version']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout
+    assert "in use by another trainact job (compare, pid" in done.stdout
+    assert "trainact 0." in done.stdout
+
+
+def test_a_sweep_takes_a_warmup_its_budgets_allow(tmp_path: Path, capsys) -> None:
+    """The sweep's own configuration has no budget of its own: a warm-up longer than the
+    default --epochs is fine when every budget is longer still."""
+    argv = ["sweep", "--budgets", "10", "20", "--warmup-epochs", "5", "--out", str(tmp_path / "o")]
+    assert cli.main([*argv, "--dataset", str(tmp_path / "none")]) == 1
+    assert "no such file or directory" in error_line(capsys)  # it got as far as the data

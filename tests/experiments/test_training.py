@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import trainact
-from trainact.experiments import cli, compare, train
+from trainact.experiments import augment, cli, compare, train
 from trainact.experiments.data import ImageDataset, load_dataset
-from trainact.experiments.models import MODEL_NAMES, build_model
+from trainact.experiments.models import FIRST_LAYER, MODEL_NAMES, build_model
 from trainact.experiments.presets import PRESET_NAMES
 
 
@@ -48,14 +48,14 @@ def quick(**kw) -> train.Config:
 def test_models_build_and_tract_finds_their_first_layer(name):
     model = build_model(name, 10)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    first = trainact.apply(model)
-    assert first == ("patch_embed" if name.startswith("vit") else "conv1")
+    first = trainact.apply(model)  # found by trainact, the layer the trainer names
+    assert first == FIRST_LAYER[name] == ("emb" if name.startswith("vit") else "conv1")
 
 
 def test_augment_is_a_reproducible_crop_and_flip():
     images = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8)
-    a = train.augment(images, torch.Generator().manual_seed(0))
-    b = train.augment(images, torch.Generator().manual_seed(0))
+    a = augment.crop_flip(images, torch.Generator().manual_seed(0))
+    b = augment.crop_flip(images, torch.Generator().manual_seed(0))
     assert a.dtype == torch.uint8 and a.shape == images.shape and torch.equal(a, b)
     # every output is a shifted (and maybe mirrored) window of its zero-padded input
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
@@ -68,11 +68,86 @@ def test_augment_is_a_reproducible_crop_and_flip():
 
 def test_learning_rate_schedules():
     cfg = train.Config(lr=1.0, epochs=10, warmup_epochs=1, final_lr_fraction=0.01)
-    assert train.lr_at(cfg, 0, 10) == pytest.approx(0.1)
-    assert train.lr_at(cfg, 9, 10) == pytest.approx(1.0)
+    # warm-up from 0 per step, as weiaicunzai's WarmUpLR: step i of the first epoch at i / 10
+    assert [train.lr_at(cfg, i, 10) for i in (0, 1, 9)] == pytest.approx([0.0, 0.1, 0.9])
+    assert train.lr_at(cfg, 10, 10) == pytest.approx(1.0)
     assert train.lr_at(cfg, 99, 10) == pytest.approx(0.01, abs=1e-3)
     step = dataclasses.replace(cfg, schedule="step", milestones=(5, 8), gamma=0.2, warmup_epochs=0)
     assert [train.lr_at(step, s, 1) for s in (4, 5, 8)] == pytest.approx([1.0, 0.2, 0.04])
+
+
+class GradualWarmupScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """ildoonet/pytorch-gradual-warmup-lr's scheduler, which ViT-CIFAR uses (multiplier 1, the
+    non-plateau path), transcribed."""
+
+    def __init__(self, optimizer, total_epoch, after_scheduler):
+        self.total_epoch, self.after_scheduler, self.finished = total_epoch, after_scheduler, False
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        if self.last_epoch > self.total_epoch:
+            if not self.finished:
+                self.after_scheduler.base_lrs = list(self.base_lrs)
+                self.finished = True
+            return self.after_scheduler.get_last_lr()
+        return [base * self.last_epoch / self.total_epoch for base in self.base_lrs]
+
+    def step(self, epoch=None):
+        if self.finished:
+            self.after_scheduler.step()
+            self.last_epoch = self.after_scheduler.last_epoch + self.total_epoch + 1
+            self._last_lr = self.after_scheduler.get_last_lr()
+        else:
+            super().step()
+
+
+def vit_cifar_lrs(base: float, eta_min: float, warmup: int, epochs: int) -> list[float]:
+    """The learning rate of each epoch in ViT-CIFAR: its schedulers stepped once per epoch."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=base)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
+    scheduler = GradualWarmupScheduler(opt, warmup, cosine)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return lrs
+
+
+def test_the_vit_cifar_schedule_is_vit_cifars_per_epoch_warmup_and_cosine():
+    cfg = train.Config(
+        lr=1e-3, epochs=20, warmup_epochs=5, schedule="vit-cifar", final_lr_fraction=0.01
+    )
+    expected = vit_cifar_lrs(1e-3, 1e-5, 5, 20)
+    for steps in (1, 7):  # constant within an epoch
+        got = [train.lr_at(cfg, e * steps + steps - 1, steps) for e in range(20)]
+        assert got == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert expected[0] == 0 and expected[5] == expected[6] == 1e-3 and expected[-1] > 1e-5
+    with pytest.raises(ValueError, match="whole number of epochs"):
+        dataclasses.replace(cfg, warmup_epochs=2.5)
+
+
+def test_drop_last_skips_the_partial_batch(tiny, tmp_path):
+    assert train.steps_in_epoch(quick(batch_size=128), 50_000) == 391
+    assert train.steps_in_epoch(quick(batch_size=128, drop_last=True), 50_000) == 390
+    seen = []
+    real = train.build_model
+
+    def counting(*args):
+        model = real(*args)
+        model.register_forward_pre_hook(lambda m, inputs: seen.append(len(inputs[0])))
+        return model
+
+    train.build_model = counting
+    try:
+        train.train(quick(epochs=1, batch_size=128, drop_last=True), tmp_path, data=tiny,
+                    progress=False)  # fmt: skip
+    finally:
+        train.build_model = real
+    assert seen[:2] == [128, 128] and len(seen) == 2 + 1  # two steps of 300 images, then the test
+    with pytest.raises(ValueError, match="leaves no step"):
+        train.train(quick(batch_size=512, drop_last=True), tmp_path / "b", data=tiny)
 
 
 def test_presets_follow_the_paper_and_stay_overridable():
@@ -82,7 +157,11 @@ def test_presets_follow_the_paper_and_stay_overridable():
         for e in (100, 200, 400, 800)
     }
     assert [vit[e].lr for e in vit] == pytest.approx([1e-3, 10**-3.2, 10**-3.5, 10**-3.5])
-    assert vit[100].label_smoothing == 0.1 and vit[100].warmup_epochs == 5
+    assert [vit[e].lr * vit[e].final_lr_fraction for e in vit] == pytest.approx([1e-5] * 4)
+    v = vit[100]
+    assert (v.schedule, v.warmup_epochs, v.weight_decay, v.amp) == ("vit-cifar", 5, 5e-5, "fp16")
+    assert v.label_smoothing == pytest.approx(0.1 * 10 / 9) and v.autoaugment and not v.drop_last
+    assert v.std == (0.2470, 0.2435, 0.2616)  # ViT-CIFAR's, not the authors' (0.2023, ...)
     adam = [
         cli.build_config(parse(["train", "--preset", "resnet18-cifar10-adam", "--epochs", e]))
         for e in ("200", "400")
@@ -91,10 +170,14 @@ def test_presets_follow_the_paper_and_stay_overridable():
     sgd = cli.build_config(
         parse(["train", "--preset", "resnet18-cifar10-sgd", "--lr", "0.5", "--std", "1", "1", "1"])
     )
-    assert sgd.lr == 0.5 and sgd.momentum == 0.9 and sgd.model == "resnet18"
+    assert sgd.lr == 0.5 and sgd.momentum == 0.9 and sgd.model == "resnet18" and sgd.drop_last
     assert sgd.mean == (0.4914, 0.4822, 0.4465) and sgd.std == (1, 1, 1)
     c100 = cli.build_config(parse(["train", "--preset", "resnet18-cifar100"]))
-    assert c100.milestones == (60, 120, 160) and c100.epochs == 200 and c100.schedule == "step"
+    assert c100.milestones == (59, 119, 159) and c100.epochs == 200 and c100.schedule == "step"
+    assert c100.model == "resnet18-nopool" and c100.rotation == 15 and c100.weight_decay == 5e-4
+    # the lr of weiaicunzai's MultiStepLR(milestones=[60, 120, 160]).step(epoch), 1-based epochs
+    for epoch, lr in ((59, 0.1), (60, 0.02), (119, 0.02), (120, 0.004), (160, 0.0008)):
+        assert train.lr_at(c100, (epoch - 1) * 391, 391) == pytest.approx(lr)
     # a sweep takes each budget's lr from the preset, unless --lr is given
     sweep = parse(["sweep", "--preset", "vit-cifar10"])
     assert cli.build_config(sweep, epochs=400).lr == pytest.approx(10**-3.5)

@@ -4,19 +4,23 @@
     trainact compare --model vit-tiny --optimizer adam --lr 1e-3 --input-range raw
     trainact train --method tract --model resnet-narrow --epochs 10
     trainact train --out runs/t --resume   # continue an interrupted run
-    trainact compare --preset resnet18-cifar10-sgd --epochs 100 --seeds 0 1 2 --device cuda
-    trainact sweep --preset resnet18-cifar10-sgd --seeds 0 1 2 --device cuda --out runs/fig3
+    trainact compare --preset resnet18-cifar10-sgd --epochs 100 --device cuda
+    trainact sweep --preset resnet18-cifar10-sgd --device cuda --out runs/fig3
     trainact sweep --budgets 1 2 4 --dataset path/to/images.tar.gz   # train/<class>/*, test/...
     trainact sweep --budgets 1 --lams 0.01 0.1 1 10    # λ: the baseline once per budget and seed
+    trainact compare --optimizer adam --lr 1e-3 --first-layer-optimizer sgd --first-layer-lr 0.08
     trainact plot runs/compare-... --x time        # accuracy against wall-clock seconds
 
-Precedence: built-in defaults < --preset < explicit options.
+Precedence: built-in defaults < --preset < explicit options. An option that would be ignored
+(``compare --seed``, ``sweep --epochs``, ``--gamma`` without a step schedule, ...) is refused,
+naming the option to use instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,8 +31,10 @@ if TYPE_CHECKING:
 
 MISSING_EXTRAS = (
     "the trainact command needs the experiments extra: pip install 'trainact[experiments]' "
-    "(numpy, pillow, tqdm, matplotlib)"
+    "(numpy, pillow, tqdm, matplotlib; filelock comes with torch)"
 )
+# The seeds of compare and sweep without --seeds: the paper's 5 (see docs/experiments.md).
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -40,43 +46,54 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     from trainact.experiments.data import DATASET_NAMES
     from trainact.experiments.models import MODEL_NAMES
     from trainact.experiments.presets import PRESETS
-    from trainact.experiments.train import INPUT_RANGES
+    from trainact.experiments.train import CHOICES, OPTIMIZERS
 
     presets = "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
     p.add_argument("--preset", help=f"a paper setup ({presets})")
     p.add_argument("--dataset", help=f"{', '.join(DATASET_NAMES)}, or an image-folder dir/archive")
     p.add_argument("--data-dir", help="where named datasets are downloaded and cached")
     p.add_argument("--train-subset", type=int, metavar="N", help="stratified train subset")
+    p.add_argument("--test-subset", type=int, metavar="N", help="stratified test subset")
     p.add_argument("--model", help=", ".join(MODEL_NAMES))
     if method:
-        p.add_argument("--method", choices=["baseline", "tract"])
+        p.add_argument("--method", choices=CHOICES["method"])
     p.add_argument("--lam", type=float, help="TrAct's lambda (0.1)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    _bool_flag(p, "drop-last", "skip each epoch's last, partial batch (default off)")
+    p.add_argument("--optimizer", choices=CHOICES["optimizer"])
     p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
+    p.add_argument("--momentum", type=float, help="SGD's momentum (0.9)")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    p.add_argument(
+        "--first-layer-optimizer",
+        choices=OPTIMIZERS,
+        help="train the first layer with its own optimizer (the paper's Fig. 9: sgd there, "
+        "--optimizer adam for the rest); default: the same as the rest",
+    )
+    p.add_argument("--first-layer-lr", type=float, help="its peak lr (default --lr)")
+    p.add_argument("--schedule", choices=CHOICES["schedule"])
     p.add_argument("--milestones", type=int, nargs="*", help="step schedule: epochs of the drops")
     p.add_argument("--gamma", type=float, help="step schedule: factor at each milestone")
-    p.add_argument("--final-lr-fraction", type=float, help="cosine: final lr / peak lr")
+    p.add_argument("--final-lr-fraction", type=float, help="cosine, vit-cifar: final / peak lr")
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)
-    _bool_flag(p, "augment", "random crop and flip (default on)")
+    _bool_flag(p, "augment", "train-time augmentation: crop and flip, ... (default on)")
+    p.add_argument("--rotation", type=float, metavar="DEGREES", help="random rotation (0: none)")
+    _bool_flag(p, "autoaugment", "ViT-CIFAR's AutoAugment CIFAR-10 policy (default off)")
     p.add_argument(
         "--input-range",
-        choices=INPUT_RANGES,
+        choices=CHOICES["input_range"],
         help="what the model sees: standardized pixels (the default), [0, 1], or raw [0, 255]",
     )
     p.add_argument("--mean", type=float, nargs=3, help="standardization (default: the train's)")
     p.add_argument("--std", type=float, nargs=3, help="standardization (default: the train's)")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    p.add_argument("--device", choices=CHOICES["device"])
+    p.add_argument("--amp", choices=CHOICES["amp"])
     _bool_flag(p, "compile", "torch.compile the model")
-    _bool_flag(p, "progress", "progress bars (default on)")
+    _bool_flag(p, "progress", "progress bars where stderr is a terminal (default on)")
     p.add_argument(
         "--threads",
         type=int,
@@ -87,10 +104,23 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     )
 
 
+def _dataset_as_given(dataset: str) -> str:
+    """A dataset path as it is recorded: relative to the current directory (so that results
+    name no particular machine's directories); names and relative paths as given."""
+    from trainact.experiments.data import DATASET_NAMES
+
+    if dataset in DATASET_NAMES or not os.path.isabs(os.path.expanduser(dataset)):
+        return dataset
+    try:
+        return Path(os.path.relpath(os.path.expanduser(dataset))).as_posix()
+    except ValueError:  # another drive on Windows
+        return dataset
+
+
 def build_config(args: argparse.Namespace, saved: dict | None = None, **fixed: object) -> Config:
     """Defaults (or the ``saved`` configuration of a run to resume), then the preset (for the
     epoch budget asked), then explicit options, then ``fixed`` (the method and, in a sweep, the
-    budget: a preset's lr may depend on it)."""
+    budget: a preset's lr may depend on it). The Config checks itself when it is made."""
     from trainact.experiments.presets import preset_overrides
     from trainact.experiments.train import Config
 
@@ -109,9 +139,39 @@ def build_config(args: argparse.Namespace, saved: dict | None = None, **fixed: o
         if given is not None:
             values[name] = tuple(given) if isinstance(given, list) else given
     values.update(fixed)
-    cfg = Config(**values)
-    cfg.validate()
-    return cfg
+    if isinstance(values.get("dataset"), str):
+        values["dataset"] = _dataset_as_given(values["dataset"])
+    return Config(**values)
+
+
+def refuse_ignored(args: argparse.Namespace, cfg: Config) -> None:
+    """ValueError for an option given on the command line that the run would not use, naming
+    the option to use instead (presets may set such fields; only explicit options count)."""
+
+    def given(name: str) -> bool:
+        return getattr(args, name, None) not in (None, [])
+
+    refusals = []
+    if args.command in ("compare", "sweep") and given("seed"):
+        refusals.append(f"{args.command} runs every seed of --seeds: use --seeds {args.seed}")
+    if args.command == "sweep" and given("epochs"):
+        refusals.append(f"sweep trains every budget of --budgets: use --budgets {args.epochs}")
+    for name in ("milestones", "gamma"):
+        if given(name) and cfg.schedule != "step":
+            refusals.append(f"--{name} shapes --schedule step only, not {cfg.schedule}")
+    if given("final_lr_fraction") and cfg.schedule not in ("cosine", "vit-cifar"):
+        refusals.append(f"--final-lr-fraction ends a cosine schedule, not {cfg.schedule}")
+    if given("momentum") and "sgd" not in (cfg.optimizer, cfg.first_layer_optimizer):
+        refusals.append(
+            f"--momentum is SGD's; {cfg.optimizer} keeps its β1 of 0.9 (use --optimizer sgd)"
+        )
+    if args.command == "train" and given("lam") and cfg.method == "baseline":
+        refusals.append("--lam is TrAct's: use --method tract")
+    for name in ("rotation", "autoaugment"):
+        if given(name) and getattr(args, name) and not cfg.augment:
+            refusals.append(f"--{name} augments the training images: drop --no-augment")
+    if refusals:
+        raise ValueError("; ".join(refusals) + " (the option would be ignored)")
 
 
 def _default_out(kind: str) -> Path:
@@ -119,6 +179,7 @@ def _default_out(kind: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import trainact
     from trainact.experiments.train import Config
 
     parser = argparse.ArgumentParser(
@@ -127,10 +188,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
+    parser.add_argument("--version", action="version", version=f"trainact {trainact.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = "Defaults without --preset: " + ", ".join(
         f"{f.name}={getattr(Config(), f.name)}" for f in dataclasses.fields(Config)
     )
+    seeds = " ".join(map(str, DEFAULT_SEEDS))
     p = sub.add_parser("train", help="one run", description=defaults)
     _add_config_args(p, method=True)
     p.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
@@ -144,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
         "compare", help="baseline vs TrAct over seeds (the main job)", description=defaults
     )
     _add_config_args(p, method=False)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {seeds}, the paper's 5")
     p.add_argument(
         "--out",
         type=Path,
@@ -163,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         help="epoch budgets (default: the preset's, the paper's grid; without one 1 2 4)",
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {seeds}, the paper's 5")
     p.add_argument(
         "--lams",
         type=float,
@@ -187,15 +250,48 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--x",
         choices=["epoch", "time", "both"],
-        default="both",
         help="a compare's accuracy.png against epochs, wall-clock seconds, or both (default)",
+    )
+    p.add_argument(
+        "--metric",
+        choices=["top1", "top5"],
+        default="top1",
+        help="top-1 (default) or top-5 test accuracy (recorded for more than 5 classes)",
     )
     return parser
 
 
+def _plot(args: argparse.Namespace) -> str:
+    """``trainact plot``: the path of the figure drawn."""
+    from trainact.experiments.plot import plot_dir, plot_finals
+
+    if len(args.directory) > 1:
+        if args.out is None:
+            raise ValueError("several directories make one figure: name it with --out")
+        if args.x is not None:
+            raise ValueError("--x sets the axes of one compare's accuracy.png: drop it")
+        return str(plot_finals(args.directory, args.out, metric=args.metric))
+    directory = args.directory[0]
+    if args.out is not None:
+        raise ValueError(
+            f"one directory's figures are written into it ({directory}): drop --out, or give "
+            "several compare directories to draw side by side"
+        )
+    if args.x is not None and (directory / "sweep.jsonl").exists():
+        raise ValueError(f"{directory} holds a sweep, whose axis is the budget: drop --x")
+    x = ("epoch", "time") if args.x in (None, "both") else (args.x,)
+    return str(plot_dir(directory, x, args.metric))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and of ``python -m trainact``."""
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["--version"]:  # needs no extra
+        import trainact
+
+        print(f"trainact {trainact.__version__}")
+        return 0
     try:
+        import filelock  # noqa: F401
         import matplotlib  # noqa: F401
         import numpy  # noqa: F401
         import PIL  # noqa: F401
@@ -203,35 +299,33 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"error: {MISSING_EXTRAS} ({err})", file=sys.stderr)
         return 2
+    args = _parser().parse_args(argv)
     import torch
 
     from trainact.experiments.compare import compare, sweep
-    from trainact.experiments.plot import plot_dir, plot_finals
     from trainact.experiments.presets import get_preset
     from trainact.experiments.rundir import saved_job
     from trainact.experiments.train import NonFiniteLoss, resolve_device, train
 
-    args = _parser().parse_args(argv)
     progress = getattr(args, "progress", None) is not False
     if args.command == "train" and args.resume and args.out is None:
         print("error: --resume needs the --out of the run to continue", file=sys.stderr)
         return 1
     try:
         if args.command == "plot":
-            if len(args.directory) > 1:
-                if args.out is None:
-                    raise ValueError("several directories make one figure: name it with --out")
-                print(f"wrote {plot_finals(args.directory, args.out)}")
-                return 0
-            x = ("epoch", "time") if args.x == "both" else (args.x,)
-            print(f"wrote {plot_dir(args.directory[0], x)}")
+            print(f"wrote {_plot(args)}")
             return 0
         if args.command == "sweep" and args.lams is not None and args.lam is not None:
             raise ValueError("--lam and --lams both set TrAct's λ: give one of them")
-        fixed = {} if args.command == "train" else {"method": "baseline"}
+        preset = get_preset(args.preset) if args.preset else None
+        fixed: dict = {} if args.command == "train" else {"method": "baseline"}
+        if args.command == "sweep":  # its configuration is each budget's; check the first one's
+            budgets = args.budgets or (preset.budgets if preset else (1, 2, 4))
+            fixed["epochs"] = budgets[0]
         resuming = args.command == "train" and args.resume
         saved = saved_job(args.out, "train")["config"] if resuming else None
         cfg = build_config(args, saved, **fixed)
+        refuse_ignored(args, cfg)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         if args.threads is not None or resolve_device(cfg.device).type == "cpu":
@@ -245,21 +339,21 @@ def main(argv: list[str] | None = None) -> int:
                 progress=progress,
                 on_epoch=lambda r: print(_epoch_line(r)),
             )
-            print(f"final test accuracy {100 * records[-1]['test_acc']:.2f} %; run in {out}")
-        elif args.command == "compare":
-            compare(
-                cfg,
-                args.seeds,
-                args.out or _default_out("compare"),
-                progress=progress,
+            top5 = records[-1].get("test_top5")
+            print(
+                f"final test accuracy {100 * records[-1]['test_acc']:.2f} %"
+                + (f" (top-5 {100 * top5:.2f} %)" if top5 is not None else "")
+                + f"; run in {out}"
             )
+            return 0
+        seeds = args.seeds or DEFAULT_SEEDS
+        if args.command == "compare":
+            compare(cfg, seeds, args.out or _default_out("compare"), progress=progress)
         else:
-            default_budgets = get_preset(args.preset).budgets if args.preset else (1, 2, 4)
-            budgets = args.budgets or default_budgets
             sweep(
                 cfg,
                 budgets,
-                args.seeds,
+                seeds,
                 args.out or _default_out("sweep"),
                 lams=args.lams,
                 config_for_budget=lambda e: build_config(args, method="baseline", epochs=e),
@@ -280,8 +374,9 @@ def _message(err: Exception) -> str:
 
 
 def _epoch_line(r: dict) -> str:
+    top5 = f" (top-5 {100 * r['test_top5']:.2f} %)" if r.get("test_top5") is not None else ""
     return (
         f"epoch {r['epoch']:>3}/{r['epochs']}: train loss {r['train_loss']:.4f} "
         f"acc {100 * r['train_acc']:.2f} %, test loss {r['test_loss']:.4f} "
-        f"acc {100 * r['test_acc']:.2f} %, lr {r['lr']:.4g}, {r['seconds']:.1f} s"
+        f"acc {100 * r['test_acc']:.2f} %{top5}, lr {r['lr']:.4g}, {r['seconds']:.1f} s"
     )

@@ -1,24 +1,36 @@
 """Baseline against TrAct, same initialization, data order and hyperparameters, over seeds;
 and the sweep over epoch budgets (and λ). Both resume: finished epochs and runs are never redone,
-and both state the difference with its uncertainty (:mod:`trainact.experiments.evidence`)."""
+and both state the difference with its uncertainty (:mod:`trainact.experiments.evidence`).
+Each run is announced as "run k of N" with an estimate of the time left over all runs."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from trainact.experiments.data import ImageDataset
 from trainact.experiments.evidence import (
+    METRICS,
     Difference,
     compare_evidence,
     compare_verdict,
+    mean_std_by,
     sweep_evidence,
 )
-from trainact.experiments.plot import mean_std_by, plot_budgets, plot_curves, plot_lams
+from trainact.experiments.plot import figure_title, plot_budgets, plot_curves, plot_lams
 from trainact.experiments.rundir import append_jsonl, claim, read_jsonl, write_json, write_jsonl
-from trainact.experiments.train import METHODS, RESUMABLE_CHANGES, Config, load_data, train
+from trainact.experiments.train import (
+    METHODS,
+    RESUMABLE_CHANGES,
+    Config,
+    environment,
+    load_data,
+    resolve_device,
+    train,
+)
 
 
 def _distinct(name: str, values: Sequence[int]) -> list[int]:
@@ -30,6 +42,45 @@ def _distinct(name: str, values: Sequence[int]) -> list[int]:
             + (f" ({', '.join(map(str, repeated))} repeated)" if repeated else "")
         )
     return list(values)
+
+
+class TimeLeft:
+    """The time left over the runs of a compare or sweep, from the epochs timed so far.
+
+    Seconds per epoch are the mean over every finished epoch seen (resumed ones included, from
+    their records); a run's epochs are counted as they finish.
+    """
+
+    def __init__(self, epochs_of_runs: Sequence[int]) -> None:
+        self.total = sum(epochs_of_runs)
+        self.done = 0
+        self.seconds: list[float] = []
+
+    def add(self, record: dict) -> None:
+        self.done += 1
+        self.seconds.append(record["seconds"])
+
+    def skip(self, epochs: int) -> None:
+        """Epochs of a finished run found on disk: nothing left to do for them."""
+        self.done += epochs
+
+    def text(self) -> str:
+        left = self.total - self.done
+        if left <= 0:
+            return "no epoch left"
+        if not self.seconds:
+            return f"{left} epochs left, time unknown until one has run"
+        return f"about {_duration(left * sum(self.seconds) / len(self.seconds))} left"
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``3 min 20 s``, ``2 h 05 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _rebuild(path: Path, run_dirs: Sequence[Path], name: str = "results.jsonl") -> list[dict]:
@@ -57,21 +108,23 @@ def compare(
     """
     out = Path(out_dir)
     seeds = _distinct("seeds", seeds)
-    for seed in seeds:
-        dataclasses.replace(cfg, seed=seed).validate()
-    identity = {
-        "config": dataclasses.asdict(dataclasses.replace(cfg, method="*")),
-        "seeds": seeds,
-    }
-    with claim(out, "compare", identity, mutable=RESUMABLE_CHANGES) as resuming:
+    runs = [  # every run's configuration, checked before anything is written
+        (dataclasses.replace(cfg, method=m, seed=s), out / f"{m}-seed{s}")
+        for s in seeds
+        for m in METHODS
+    ]
+    identity = {"config": {**dataclasses.asdict(cfg), "method": "*"}, "seeds": seeds}
+    env = environment(resolve_device(cfg.device))
+    with claim(out, "compare", identity, mutable=RESUMABLE_CHANGES, env=env) as resuming:
         if resuming:
             log(f"resuming the comparison in {out}")
-        return _compare(cfg, seeds, out, identity, data, progress, log)
+        return _compare(cfg, seeds, runs, out, identity, data, progress, log)
 
 
 def _compare(
     cfg: Config,
     seeds: list[int],
+    runs: list[tuple[Config, Path]],
     out: Path,
     identity: dict,
     data: ImageDataset | None,
@@ -85,22 +138,25 @@ def _compare(
         f"model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} "
         f"lr {cfg.lr:g}, seeds {list(seeds)}"
     )
-    runs = [(m, s, out / f"{m}-seed{s}") for s in seeds for m in METHODS]
     combined = out / "results.jsonl"
-    _rebuild(combined, [d for _, _, d in runs])
+    earlier = _rebuild(combined, [d for _, d in runs])
+    left = TimeLeft([cfg.epochs] * len(runs))
+    for record in earlier:
+        left.add(record)
 
     def append(record: dict) -> None:
         append_jsonl(combined, record)
+        left.add(record)
         log(
             f"{record['method']:>8} seed {record['seed']} epoch {record['epoch']}/{cfg.epochs}: "
             f"train loss {record['train_loss']:.3f}, test acc {100 * record['test_acc']:.2f} %, "
-            f"{record['seconds']:.1f} s"
+            f"{record['seconds']:.1f} s; {left.text()}"
         )
 
-    for method, seed, run_dir in runs:
-        run_cfg = dataclasses.replace(cfg, method=method, seed=seed)
+    for k, (run_cfg, run_dir) in enumerate(runs, 1):
+        log(f"run {k} of {len(runs)}: {run_cfg.method} seed {run_cfg.seed} ({left.text()})")
         train(run_cfg, run_dir, resume=True, data=data, on_epoch=append, progress=progress)
-    records = _rebuild(combined, [d for _, _, d in runs])
+    records = _rebuild(combined, [d for _, d in runs])
 
     stats = mean_std_by(records, "epoch")
     evidence = compare_evidence(records, cfg.epochs)
@@ -112,27 +168,44 @@ def _compare(
         ]
         diff = Difference(**evidence["per_epoch_difference"][epoch]).text()
         log(f"{epoch:>5}  {cells[0]:>18}  {cells[1]:>18}  {diff:>26}")
+    title = figure_title(cfg.model, cfg.dataset, len(seeds))
     summary = {
         "config": identity["config"],
         "seeds": list(seeds),
-        "final": {
-            m: {"mean": stats[m][cfg.epochs][0], "std": stats[m][cfg.epochs][1]} for m in METHODS
-        },
+        "title": title,
+        "final": _finals(records, cfg.epochs),
         **evidence,
     }
     summary["verdict"] = compare_verdict(evidence, cfg.epochs)
     write_json(out / "summary.json", summary)
-    plot_curves(records, out / "accuracy.png", f"{cfg.model} on {data.name}, {len(seeds)} seeds")
+    plot_curves(records, out / "accuracy.png", title)
     final = summary["final"]
-    log(
-        f"\nfinal test accuracy over {len(seeds)} seeds: "
-        f"baseline {100 * final['baseline']['mean']:.2f} ± {100 * final['baseline']['std']:.2f} %,"
-        f" TrAct {100 * final['tract']['mean']:.2f} ± {100 * final['tract']['std']:.2f} %"
-    )
+    log(f"\nfinal test accuracy over {len(seeds)} seeds (mean ± sample std):")
+    for metric, label in (("top1", "top-1"), ("top5", "top-5")):
+        if metric in final["baseline"]:
+            b, t = final["baseline"][metric], final["tract"][metric]
+            log(
+                f"  {label}: baseline {100 * b['mean']:.2f} ± {100 * b['std']:.2f} %, "
+                f"TrAct {100 * t['mean']:.2f} ± {100 * t['std']:.2f} %"
+            )
     for line in summary["verdict"]:
         log(line)
     log(f"wrote {combined}, {out / 'summary.json'}, {out / 'accuracy.png'}")
     return summary
+
+
+def _finals(records: list[dict], epochs: int) -> dict:
+    """method -> metric -> mean and sample std over seeds at the last epoch; top-1's also as
+    the method's own ``mean`` and ``std`` (the layout of earlier summaries)."""
+    out: dict = {}
+    for method in METHODS:
+        out[method] = {}
+        for metric, field in METRICS.items():
+            by = mean_std_by(records, "epoch", field).get(method, {})
+            if epochs in by:
+                out[method][metric] = dict(zip(("mean", "std"), by[epochs][:2], strict=True))
+        out[method].update(out[method]["top1"])
+    return out
 
 
 def sweep(
@@ -155,12 +228,8 @@ def sweep(
     out = Path(out_dir)
     make = config_for_budget or (lambda e: dataclasses.replace(cfg, epochs=e))
     budgets, seeds = _distinct("budgets", budgets), _distinct("seeds", seeds)
-    configs = {e: make(e) for e in budgets}
-    for run_cfg in configs.values():
-        for seed in seeds:
-            dataclasses.replace(run_cfg, seed=seed).validate()
     identity: dict = {
-        "config": dataclasses.asdict(dataclasses.replace(cfg, method="*", epochs=0)),
+        "config": {**dataclasses.asdict(cfg), "method": "*", "epochs": 0},
         "budgets": budgets,
         "seeds": seeds,
     }
@@ -168,13 +237,24 @@ def sweep(
         lams = validate_lams(lams)
         identity["config"]["lam"] = "*"
         identity["lams"] = list(lams)
-    with claim(out, "sweep", identity, mutable=RESUMABLE_CHANGES):
-        return _sweep(cfg, configs, seeds, lams, out, identity, progress, log)
+    runs = []  # (config, λ or None, directory) of every run, checked before anything is written
+    for e in budgets:
+        budget_cfg = make(e)
+        for s in seeds:
+            base_cfg = dataclasses.replace(budget_cfg, seed=s)
+            runs.append((base_cfg, None, out / f"baseline-e{e}-seed{s}"))
+            for lam in lams or (None,):
+                name = f"tract-e{e}-seed{s}" if lam is None else f"tract-lam{lam:g}-e{e}-seed{s}"
+                changes = {"method": "tract", "seed": s, **({"lam": lam} if lam else {})}
+                runs.append((dataclasses.replace(budget_cfg, **changes), lam, out / name))
+    env = environment(resolve_device(cfg.device))
+    with claim(out, "sweep", identity, mutable=RESUMABLE_CHANGES, env=env):
+        return _sweep(cfg, runs, seeds, lams, out, identity, progress, log)
 
 
 def _sweep(
     cfg: Config,
-    configs: dict[int, Config],
+    runs: list[tuple[Config, float | None, Path]],
     seeds: list[int],
     lams: tuple[float, ...] | None,
     out: Path,
@@ -182,55 +262,55 @@ def _sweep(
     progress: bool,
     log: Callable[[str], None],
 ) -> list[dict]:
-    budgets = list(configs)
     data = load_data(cfg, progress)
-    runs = [
-        (e, s, "baseline", None, out / f"baseline-e{e}-seed{s}") for e in budgets for s in seeds
-    ]
-    for e in budgets:
-        for s in seeds:
-            for lam in lams or (None,):
-                name = f"tract-e{e}-seed{s}" if lam is None else f"tract-lam{lam:g}-e{e}-seed{s}"
-                runs.append((e, s, "tract", lam, out / name))
-    runs.sort(key=lambda run: (run[0], run[1]))  # by budget, then seed: baseline first
     finals_path = out / "sweep.jsonl"
     finals, done = [], set()
-    for *_, lam, run_dir in runs:
+    left = TimeLeft([run_cfg.epochs for run_cfg, _, _ in runs])
+    for run_cfg, lam, run_dir in runs:
         record = _final_record(run_dir)
         if record is not None:
             finals.append(_with_lam(record, lam))
             done.add(run_dir)
+            left.skip(run_cfg.epochs)
     write_jsonl(finals_path, finals)
-    for epochs, seed, method, lam, run_dir in runs:
+    for k, (run_cfg, lam, run_dir) in enumerate(runs, 1):
         if run_dir in done:
-            log(f"skip {run_dir.name}: finished")
+            log(f"run {k} of {len(runs)}: skip {run_dir.name}: finished")
             continue
-        run_cfg = dataclasses.replace(configs[epochs], method=method, seed=seed)
-        if lam is not None:
-            run_cfg = dataclasses.replace(run_cfg, lam=lam)
-        record = train(run_cfg, run_dir, resume=True, data=data, progress=progress)[-1]
+        log(f"run {k} of {len(runs)}: {run_dir.name} ({left.text()})")
+        started = time.perf_counter()
+        record = train(
+            run_cfg, run_dir, resume=True, data=data, progress=progress, on_epoch=left.add
+        )[-1]
         record = _with_lam(record, lam)
         append_jsonl(finals_path, record)
         finals.append(record)
-        log(f"{run_dir.name}: test accuracy {100 * record['test_acc']:.2f} %")
-    title = f"{cfg.model} on {data.name}"
+        log(
+            f"{run_dir.name}: test accuracy {100 * record['test_acc']:.2f} % "
+            f"({_duration(time.perf_counter() - started)})"
+        )
+    title = figure_title(cfg.model, cfg.dataset, len(seeds))
     plot_budgets(finals, out / "budgets.png", title)
     if lams is not None:
         plot_lams(finals, out / "lams.png", title)
     rows = sweep_evidence(finals)
-    write_json(out / "summary.json", {"config": identity, "budgets": rows})
+    write_json(out / "summary.json", {"config": identity, "title": title, "budgets": rows})
     log(
         f"\n{'budget':>6}  {'variant':>14}  {'baseline':>16}  {'TrAct':>16}  "
         f"{'TrAct - baseline [95% CI]':>26}  verdict"
     )
     for row in rows:
-        b, t = row["baseline"], row["tract"]
-        log(
-            f"{row['epochs']:>6}  {row['variant']:>14}  "
-            f"{100 * b['mean']:6.2f} ± {100 * b['std']:5.2f} %  "
-            f"{100 * t['mean']:6.2f} ± {100 * t['std']:5.2f} %  "
-            f"{Difference(**row['difference']).text():>26}  {row['verdict']}"
-        )
+        for prefix, label in (("", "top-1"), ("top5_", "top-5")):
+            if f"{prefix}difference" not in row:
+                continue
+            b, t = row[f"{prefix}baseline"], row[f"{prefix}tract"]
+            name = row["variant"] if not prefix else f"{label}"
+            log(
+                f"{row['epochs'] if not prefix else '':>6}  {name:>14}  "
+                f"{100 * b['mean']:6.2f} ± {100 * b['std']:5.2f} %  "
+                f"{100 * t['mean']:6.2f} ± {100 * t['std']:5.2f} %  "
+                f"{Difference(**row[f'{prefix}difference']).text():>26}  {row[f'{prefix}verdict']}"
+            )
     return finals
 
 

@@ -28,7 +28,6 @@ import io
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.request
 import warnings
 import zipfile
@@ -43,6 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from trainact.experiments.rundir import write_atomic
 
 __all__ = [
     "DATASET_NAMES",
@@ -142,6 +143,7 @@ def load_dataset(
     data_dir: str | os.PathLike[str] | None = None,
     *,
     train_subset: int | None = None,
+    test_subset: int | None = None,
     seed: int = 0,
     download: bool = True,
     progress: bool = True,
@@ -152,6 +154,14 @@ def load_dataset(
     and where decoded caches are written; it defaults to :func:`default_cache_dir`.
     ``train_subset=n`` keeps a stratified subset of ``n`` training images
     (:func:`stratified_subset` with ``seed``); ``mean`` and ``std`` then describe that subset.
+    ``test_subset=m`` keeps a stratified subset of ``m`` test images, the same for every seed.
+    Progress bars (``progress``) show only where stderr is a terminal.
+
+    Raises:
+        FileNotFoundError: ``name`` is a path (it has a directory part or an archive suffix)
+            that does not exist.
+        ValueError: an unknown name, a subset larger than its split, or data that cannot be
+            decoded (the file named).
     """
     cache_dir = Path(data_dir).expanduser() if data_dir is not None else default_cache_dir()
     key = os.fspath(name)
@@ -169,6 +179,9 @@ def load_dataset(
         key = _source_name(path)
         identity = _path_identity(path)
         build = partial(_read_image_folder, path, progress)
+    elif _looks_like_path(key):
+        where = "" if Path(key).expanduser().is_absolute() else " (read from the current directory)"
+        raise FileNotFoundError(f"{key}: no such file or directory{where}")
     else:
         raise ValueError(
             f"unknown dataset {key!r}: expected one of {', '.join(DATASET_NAMES)}, or the path of "
@@ -176,7 +189,17 @@ def load_dataset(
             "train/<class>/* and test/<class>/*"
         )
     splits = _cached(cache_dir, key, identity, build)
-    return _to_dataset(key, splits, train_subset, seed)
+    return _to_dataset(key, splits, train_subset, test_subset, seed)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A dataset argument meant as a path: a directory part, ``~``, or an archive suffix."""
+    return (
+        "/" in name
+        or os.sep in name
+        or name.startswith(("~", "."))
+        or name.endswith(_ARCHIVE_SUFFIXES)
+    )
 
 
 def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -223,26 +246,32 @@ def _balanced_quotas(counts: Sequence[int], n: int) -> list[int]:
     return quotas
 
 
-def _to_dataset(name: str, splits: _Splits, train_subset: int | None, seed: int) -> ImageDataset:
-    """Wrap cached arrays as tensors, optionally subsetting the train split, and add its stats."""
-    train_images = torch.from_numpy(splits.train_images)
-    train_labels = torch.from_numpy(splits.train_labels)
-    if train_subset is not None:
-        if train_subset > len(train_labels):
-            raise ValueError(
-                f"train_subset={train_subset} exceeds the {len(train_labels)} training images "
-                f"of {name!r}"
-            )
-        index = stratified_subset(train_labels, train_subset, seed)
-        train_images, train_labels = train_images[index], train_labels[index]
+def _to_dataset(
+    name: str, splits: _Splits, train_subset: int | None, test_subset: int | None, seed: int
+) -> ImageDataset:
+    """Wrap cached arrays as tensors, optionally subsetting the splits, and add the train
+    split's statistics."""
+    split_arrays = {}
+    for split, n, subset_seed in (("train", train_subset, seed), ("test", test_subset, 0)):
+        images = torch.from_numpy(getattr(splits, f"{split}_images"))
+        labels = torch.from_numpy(getattr(splits, f"{split}_labels"))
+        if n is not None:
+            if n > len(labels):
+                raise ValueError(
+                    f"{split}_subset={n} exceeds the {len(labels)} {split} images of {name!r}"
+                )
+            index = stratified_subset(labels, n, subset_seed)
+            images, labels = images[index], labels[index]
+        split_arrays[split] = (images.contiguous(), labels)
+    (train_images, train_labels), (test_images, test_labels) = split_arrays.values()
     mean, std = _channel_stats(train_images.numpy())
     return ImageDataset(
         name=name,
         classes=list(splits.classes),
-        train_images=train_images.contiguous(),
+        train_images=train_images,
         train_labels=train_labels,
-        test_images=torch.from_numpy(splits.test_images),
-        test_labels=torch.from_numpy(splits.test_labels),
+        test_images=test_images,
+        test_labels=test_labels,
         mean=mean,
         std=std,
     )
@@ -268,7 +297,8 @@ def _cached(cache_dir: Path, name: str, identity: str, build: Callable[[], _Spli
     """Load the decoded dataset cached for ``identity``, or ``build()`` it and cache it.
 
     A cache file that cannot be read or is inconsistent is deleted with a warning and rebuilt.
-    The cache is written to a temporary file and renamed, so readers never see a partial file.
+    The cache is written atomically (:func:`~trainact.experiments.rundir.write_atomic`), so
+    readers never see a partial file.
     """
     digest = hashlib.sha256(f"{_CACHE_VERSION}\0{name}\0{identity}".encode()).hexdigest()
     path = cache_dir / f"{_slug(name)}-{digest[:16]}.npz"
@@ -322,21 +352,14 @@ def _check_splits(splits: _Splits) -> None:
 
 def _write_cache(path: Path, splits: _Splits) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                classes=np.array(splits.classes, dtype=np.str_),
-                train_images=splits.train_images,
-                train_labels=splits.train_labels,
-                test_images=splits.test_images,
-                test_labels=splits.test_labels,
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    arrays = {
+        "classes": np.array(splits.classes, dtype=np.str_),
+        "train_images": splits.train_images,
+        "train_labels": splits.train_labels,
+        "test_images": splits.test_images,
+        "test_labels": splits.test_labels,
+    }
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def _slug(name: str) -> str:
@@ -351,7 +374,8 @@ def _decode(blobs: Iterable[bytes], names: Sequence[str], progress: bool, desc: 
     """Decode images to one ``(N, 3, H, W)`` uint8 array; every image must have the same size."""
     out: np.ndarray | None = None
     first_size = None
-    bar = tqdm(blobs, total=len(names), desc=desc, unit="img", disable=not progress, leave=False)
+    shown = None if progress else True  # tqdm's None: shown where stderr is a terminal
+    bar = tqdm(blobs, total=len(names), desc=desc, unit="img", disable=shown, leave=False)
     for i, (blob, name) in enumerate(zip(bar, names, strict=True)):
         try:
             with Image.open(io.BytesIO(blob)) as im:
@@ -521,9 +545,8 @@ def _official_archive(
     if path.exists():
         return path
     help_text = (
-        f"Download {spec.url} (md5 {spec.md5}) and put it at {path}, or pass "
-        "--dataset /path/to/folder-or-archive with train/<class>/* and test/<class>/* "
-        "(e.g. ../shared/data/cifar10-jpeg.tar.gz)."
+        f"Download {spec.url} (md5 {spec.md5}) and put it at {path}, or pass --dataset with "
+        "the path of an image folder or archive holding train/<class>/* and test/<class>/*."
     )
     if not download:
         raise FileNotFoundError(f"{spec.filename} not found in {data_dir}. {help_text}")
@@ -535,20 +558,19 @@ def _official_archive(
 
 
 def _download(url: str, path: Path, md5: str, progress: bool) -> None:
-    """Stream ``url`` to a temporary file next to ``path``, check its md5, then rename it."""
+    """Stream ``url`` into ``path`` atomically, checking its md5 before it takes the name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
+
+    def fetch(f) -> None:
         digest = hashlib.md5(usedforsecurity=False)
         with (
-            os.fdopen(fd, "wb") as f,
             urllib.request.urlopen(url, timeout=60) as response,
             tqdm(
                 total=int(response.headers.get("Content-Length") or 0) or None,
                 desc=path.name,
                 unit="B",
                 unit_scale=True,
-                disable=not progress,
+                disable=None if progress else True,
                 leave=False,
             ) as bar,
         ):
@@ -558,10 +580,8 @@ def _download(url: str, path: Path, md5: str, progress: bool) -> None:
                 bar.update(len(chunk))
         if digest.hexdigest() != md5:
             raise ValueError(f"md5 mismatch: got {digest.hexdigest()}, expected {md5}")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, fetch)
 
 
 def _read_official(

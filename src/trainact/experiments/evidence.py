@@ -4,8 +4,10 @@ intervals and the speed-up rule behind the verdicts of ``trainact compare`` and 
 Runs of one seed share the initialization and the data order, so TrAct and the baseline are
 compared seed by seed: the difference ``d_s = TrAct_s - baseline_s`` of each seed, its mean over
 the ``n`` seeds and the 95% confidence interval ``mean ± t(0.975, n - 1) · std(d) / √n``
-(Student's t, no scipy needed). With one seed the interval cannot be estimated and nothing is
-claimed.
+(Student's t, no scipy needed). With fewer than 3 seeds, or differences that are all equal (no
+spread), the interval cannot be estimated and nothing is claimed: a zero-width interval would
+claim a certainty the seeds cannot give. Top-5 accuracy, where recorded, gets the same paired
+difference beside top-1.
 
 The speed-up rule: TrAct reaches the baseline's final accuracy at epoch ``e*``, the earliest
 epoch from which on, at every later epoch ``e``, the paired difference between TrAct at ``e``
@@ -24,6 +26,8 @@ from dataclasses import asdict, dataclass
 from statistics import mean, median, stdev
 
 CONFIDENCE = 0.95
+MIN_SEEDS = 3  # the fewest paired seeds an interval is estimated from
+METRICS = {"top1": "test_acc", "top5": "test_top5"}  # the accuracies compared, by record field
 
 
 def variant(record: dict) -> str:
@@ -100,10 +104,11 @@ def t_quantile(p: float, df: float) -> float:
 
 @dataclass(frozen=True)
 class Difference:
-    """Mean over seeds of a per-seed difference, with its confidence interval (None for 1)."""
+    """Mean over seeds of a per-seed difference, with its confidence interval (None when it
+    cannot be estimated: fewer than :data:`MIN_SEEDS` seeds, or no spread)."""
 
     mean: float
-    std: float | None  # sample standard deviation of the per-seed differences
+    std: float | None  # sample standard deviation of the per-seed differences (None for 1 seed)
     n: int  # seeds
     low: float | None
     high: float | None
@@ -113,10 +118,22 @@ class Difference:
         """True when the interval excludes 0."""
         return self.low is not None and (self.low > 0 or self.high < 0)
 
+    @property
+    def why_no_interval(self) -> str | None:
+        """Why there is no interval (None when there is one)."""
+        if self.low is not None:
+            return None
+        if self.n < MIN_SEEDS:
+            return f"{self.n} seed{'s' * (self.n > 1)}; an interval needs {MIN_SEEDS} or more"
+        return f"the {self.n} seeds' differences are all equal"
+
     def text(self, scale: float = 100) -> str:
-        """``+2.70 [+0.51, +4.89]`` (in points for accuracies), or ``+2.70 [1 seed]``."""
-        ci = f"[{scale * self.low:+.2f}, {scale * self.high:+.2f}]" if self.n > 1 else "[1 seed]"
-        return f"{scale * self.mean:+.2f} {ci}"
+        """``+2.70 [+0.51, +4.89]`` (in points for accuracies), or ``+2.70 [no interval: 2
+        seeds]``."""
+        if self.low is None:
+            short = f"{self.n} seed{'s' * (self.n > 1)}" if self.n < MIN_SEEDS else "no spread"
+            return f"{scale * self.mean:+.2f} [no interval: {short}]"
+        return f"{scale * self.mean:+.2f} [{scale * self.low:+.2f}, {scale * self.high:+.2f}]"
 
 
 def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Difference:
@@ -125,24 +142,46 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Differe
     if not seeds:
         raise ValueError("no seed has both values: nothing to pair")
     d = [a[s] - b[s] for s in seeds]
-    if len(d) == 1:
-        return Difference(d[0], None, 1, None, None)
-    sd = stdev(d)
+    sd = stdev(d) if len(d) > 1 else None
+    if len(d) < MIN_SEEDS or not sd:
+        return Difference(mean(d), sd, len(d), None, None)
     half = t_quantile(0.5 + CONFIDENCE / 2, len(d) - 1) * sd / math.sqrt(len(d))
     return Difference(mean(d), sd, len(d), mean(d) - half, mean(d) + half)
 
 
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of numbers."""
+    values = list(values)
+    return mean(values), stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_std_by(
+    records: list[dict], key: str, field: str = "test_acc"
+) -> dict[str, dict[int, tuple[float, float, int]]]:
+    """variant -> ``key`` value (epoch or budget) -> (mean, std, count) of ``field`` over seeds;
+    records without ``field`` are left out."""
+    groups: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.get(field) is not None:
+            groups[variant(r)][r[key]].append(r[field])
+    return {
+        name: {k: (*mean_std(v), len(v)) for k, v in sorted(by.items())}
+        for name, by in groups.items()
+    }
+
+
 def _by_seed(records: list[dict], key: str, field: str) -> dict[str, dict[int, dict[int, float]]]:
-    """variant -> ``key`` value (epoch or budget) -> seed -> ``field``."""
+    """variant -> ``key`` value (epoch or budget) -> seed -> ``field`` (where recorded)."""
     out: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
-        out[variant(r)][r[key]][r["seed"]] = r[field]
+        if r.get(field) is not None:
+            out[variant(r)][r[key]][r["seed"]] = r[field]
     return out
 
 
 def _verdict(diff: Difference) -> str:
-    if diff.n < 2:
-        return "uncertainty cannot be estimated (1 seed)"
+    if diff.low is None:
+        return f"uncertainty cannot be estimated ({diff.why_no_interval})"
     if not diff.measurable:
         return "no measurable difference"
     return "TrAct higher" if diff.low > 0 else "TrAct lower"
@@ -166,9 +205,9 @@ def compare_evidence(records: list[dict], epochs: int) -> dict:
     final = paired_difference(acc["tract"][epochs], base_final)
     to_target = {e: paired_difference(acc["tract"][e], base_final) for e in range(1, epochs + 1)}
     reached = None
-    if final.n > 1:
+    if final.low is not None:
         for e in range(epochs, 0, -1):
-            if not to_target[e].low > 0:
+            if to_target[e].low is None or not to_target[e].low > 0:
                 break
             reached = e
     median_s = {m: median(v) for m, v in seconds.items()}
@@ -190,7 +229,17 @@ def compare_evidence(records: list[dict], epochs: int) -> dict:
         "median_epoch_seconds": median_s,
         "seconds_to_baseline_final": {"baseline": t_base, "tract": t_tract},
         "time_speedup": t_base / t_tract if t_tract else None,
+        **_top5_evidence(records, epochs),
     }
+
+
+def _top5_evidence(records: list[dict], epochs: int) -> dict:
+    """The paired final top-5 difference and its verdict, where the records have top-5."""
+    top5 = _by_seed(records, "epoch", METRICS["top5"])
+    if not (top5["tract"].get(epochs) and top5["baseline"].get(epochs)):
+        return {}
+    diff = paired_difference(top5["tract"][epochs], top5["baseline"][epochs])
+    return {"final_top5_difference": asdict(diff), "final_top5_verdict": _verdict(diff)}
 
 
 def compare_verdict(evidence: dict, epochs: int) -> list[str]:
@@ -198,11 +247,11 @@ def compare_verdict(evidence: dict, epochs: int) -> list[str]:
     final = Difference(**evidence["final_difference"])
     n = final.n
     lines = []
-    if n < 2:
+    if final.low is None:
         lines.append(
-            f"TrAct - baseline at the end: {100 * final.mean:+.2f} points from 1 seed; the "
-            "uncertainty over seeds cannot be estimated, so no difference or speed-up is "
-            "claimed (run 2 or more --seeds)"
+            f"TrAct - baseline at the end: {100 * final.mean:+.2f} points; the uncertainty "
+            f"over seeds cannot be estimated ({final.why_no_interval}), so no difference or "
+            "speed-up is claimed" + (f" (run {MIN_SEEDS} or more --seeds)" if n < MIN_SEEDS else "")
         )
     elif final.measurable:
         word = "higher" if final.low > 0 else "lower"
@@ -233,10 +282,16 @@ def compare_verdict(evidence: dict, epochs: int) -> list[str]:
             f"the baseline's {t['baseline']:.0f} s ({epochs} x {med['baseline']:.1f} s) = "
             f"{evidence['time_speedup']:.2f}x"
         )
-    elif n > 1:
+    elif final.low is not None:
         lines.append(
             f"no measurable speed-up: TrAct is not above the baseline's final accuracy "
             f"({target:.2f} %) beyond the uncertainty by the last epoch"
+        )
+    if "final_top5_difference" in evidence:
+        top5 = Difference(**evidence["final_top5_difference"])
+        lines.append(
+            f"top-5 at the end: TrAct - baseline {top5.text()} points: "
+            f"{evidence['final_top5_verdict']}"
         )
     lines.append(
         f"median epoch time: baseline {med['baseline']:.2f} s, TrAct {med['tract']:.2f} s "
@@ -246,28 +301,24 @@ def compare_verdict(evidence: dict, epochs: int) -> list[str]:
 
 
 def sweep_evidence(finals: list[dict]) -> list[dict]:
-    """Per budget and TrAct variant (λ): the paired difference to the baseline, and its verdict."""
-    acc = _by_seed(finals, "epochs", "test_acc")
+    """Per budget and TrAct variant (λ): the paired difference to the baseline and its verdict,
+    in top-1 and, where recorded, top-5 accuracy."""
+    acc = {metric: _by_seed(finals, "epochs", field) for metric, field in METRICS.items()}
     rows = []
-    for budget in sorted(acc.get("baseline", {})):
-        base = acc["baseline"][budget]
-        for name in sorted(v for v in acc if v != "baseline"):
-            if budget in acc[name] and set(acc[name][budget]) & set(base):
-                tract = acc[name][budget]
+    for budget in sorted(acc["top1"].get("baseline", {})):
+        for name in sorted(v for v in acc["top1"] if v != "baseline"):
+            row: dict = {"epochs": budget, "variant": name}
+            for metric, by in acc.items():
+                base, tract = by["baseline"].get(budget, {}), by[name].get(budget, {})
+                if not set(tract) & set(base):
+                    continue
                 diff = paired_difference(tract, base)
-                rows.append(
-                    {
-                        "epochs": budget,
-                        "variant": name,
-                        "baseline": _mean_std(base.values()),
-                        "tract": _mean_std(tract.values()),
-                        "difference": asdict(diff),
-                        "verdict": _verdict(diff),
-                    }
-                )
+                prefix = "" if metric == "top1" else "top5_"
+                for side, values in (("baseline", base), ("tract", tract)):
+                    mu, sd = mean_std(values.values())
+                    row[f"{prefix}{side}"] = {"mean": mu, "std": sd}
+                row[f"{prefix}difference"] = asdict(diff)
+                row[f"{prefix}verdict"] = _verdict(diff)
+            if "difference" in row:
+                rows.append(row)
     return rows
-
-
-def _mean_std(values) -> dict:
-    values = list(values)
-    return {"mean": mean(values), "std": stdev(values) if len(values) > 1 else 0.0}

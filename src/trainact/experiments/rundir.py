@@ -3,27 +3,36 @@
 The first job given a directory claims it: ``job.json`` records the job's kind (``train``,
 ``compare``, ``sweep``) and identity (its configuration, seeds, budgets). Any other job is
 refused, naming the directory and its owner; the same kind with another identity is refused
-naming each differing field. While a job runs it holds an exclusive ``flock`` on ``job.lock``,
-which the kernel drops when the process ends however it ends: a second job on the directory is
-refused at once, and a killed one leaves no stale lock.
+naming each differing field. ``job.json`` also records where the job ran (``environment``:
+versions, device, threads; updated by a resume, never compared). While a job runs it holds an
+exclusive lock on ``job.lock`` (``filelock``: ``flock`` on POSIX, ``msvcrt`` locking on
+Windows), which the system drops when the process ends however it ends: a second job on the
+directory is refused at once, naming the holder written in ``job.owner``, and a killed one
+leaves no stale lock.
 
-Logs are JSON lines, appended one record at a time and otherwise only rewritten atomically (a
-temporary file renamed over the old one). Reading is strict: an unfinished last line is the record
-that was being written when a job was killed and is dropped; any other bad line is an error naming
-the file and line. File-system errors name the path (a full disk's error names none by itself).
+Logs are JSON lines, appended one record at a time and otherwise only rewritten atomically
+(:func:`write_atomic`, the one way every file of the experiments is replaced: a temporary file
+in the same directory renamed over the old one). Reading is strict: an unfinished last line is
+the record that was being written when a job was killed and is dropped; any other bad line is
+an error naming the file and line. File-system errors name the path (a full disk's error names
+none by itself).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-from collections.abc import Collection, Iterator
+import uuid
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import BinaryIO
+
+from filelock import FileLock, Timeout
 
 JOB_FILE = "job.json"
 LOCK_FILE = "job.lock"
+OWNER_FILE = "job.owner"
 _TMP_SUFFIX = ".tmp"
 
 
@@ -35,12 +44,14 @@ def claim(
     *,
     resume: bool = True,
     mutable: Collection[str] = (),
+    env: dict | None = None,
 ) -> Iterator[bool]:
     """Hold ``out`` for a job of ``kind`` and ``identity`` (a JSON-able dict) for a ``with``
     block; yields True when the directory already held this job (a resume).
 
     ``identity`` values that are dicts (a configuration) are compared field by field; fields in
     ``mutable`` (where a run is computed, not what) may differ and are updated in ``job.json``.
+    ``env`` (JSON-able: versions, device, threads) is recorded as its ``environment``.
 
     Raises:
         FileExistsError: ``out`` is in use by another process, belongs to another kind of job,
@@ -55,13 +66,14 @@ def claim(
     except OSError as err:
         raise named(err, out) from err
     current = json.loads(json.dumps({"kind": kind, **identity}))
+    recorded = {**current, **({"environment": json.loads(json.dumps(env))} if env else {})}
     with _locked(out, kind):
         saved = read_job(out)
         if saved is None:
             leftovers = sorted(
                 p.name
                 for p in out.iterdir()
-                if p.name != LOCK_FILE and not p.name.endswith(_TMP_SUFFIX)
+                if p.name not in (LOCK_FILE, OWNER_FILE) and not p.name.endswith(_TMP_SUFFIX)
             )
             if leftovers:
                 raise FileExistsError(
@@ -69,7 +81,7 @@ def claim(
                     f"{', ...' if len(leftovers) > 4 else ''}) and no {JOB_FILE}; "
                     "choose another --out"
                 )
-            write_json(out / JOB_FILE, current)
+            write_json(out / JOB_FILE, recorded)
             yield False
             return
         _check_kind(out, saved, kind)
@@ -77,14 +89,15 @@ def claim(
             raise FileExistsError(
                 f"{out} already holds a {kind} run; resume it (--resume) or choose another --out"
             )
+        saved_env = saved.pop("environment", None)
         changed = differences(saved, current, mutable)
         if changed:
             raise ValueError(
                 f"{out} holds a {kind} job of another configuration ({'; '.join(changed)}); "
                 "rerun with the saved values or choose another --out"
             )
-        if saved != current:
-            write_json(out / JOB_FILE, current)
+        if saved != current or (env and saved_env != recorded.get("environment")):
+            write_json(out / JOB_FILE, recorded if env else {**current, "environment": saved_env})
         yield True
 
 
@@ -150,30 +163,27 @@ def _show(values: dict, key: str) -> str:
 
 @contextmanager
 def _locked(out: Path, kind: str) -> Iterator[None]:
-    """An exclusive, non-blocking flock on ``out/job.lock``, which names its holder."""
-    path = out / LOCK_FILE
+    """An exclusive, non-blocking lock on ``out/job.lock``; ``out/job.owner`` names its holder."""
+    path, owner = out / LOCK_FILE, out / OWNER_FILE
+    lock = FileLock(path)
     try:
-        f = path.open("a+")
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = owner.read_text().strip()
+        except OSError:
+            holder = ""
+        raise FileExistsError(
+            f"{out} is in use by another trainact job ({holder or 'another process'}); wait for "
+            "it to end or choose another --out"
+        ) from None
     except OSError as err:
         raise named(err, path) from err
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise FileExistsError(
-                f"{out} is in use by another trainact job ({holder}); wait for it to end or "
-                "choose another --out"
-            ) from None
-        try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{kind}, pid {os.getpid()}")
-            f.flush()
-        except OSError as err:
-            raise named(err, path) from err
+    try:
+        write_atomic(owner, f"{kind}, pid {os.getpid()}\n")
         yield
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,16 +237,31 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` at once: readers and a killed writer see the old or the new."""
-    tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}")
+def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], None]) -> None:
+    """Replace ``path`` at once by ``content`` (text, bytes, or a function writing to a binary
+    file): readers, and a writer killed midway, see the old file or the new one, never a part.
+
+    The temporary file lies beside ``path`` (``.NAME.<random>.tmp``) and is removed when
+    writing fails; the error names ``path`` (a RuntimeError of the writer, as ``torch.save``
+    reports a full disk, becomes an OSError naming it). Anything else the writer raises (a
+    checksum mismatch, say) also removes it and propagates as it is.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
     try:
-        tmp.write_text(text)
+        with tmp.open("xb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise named(err, path) from err
+        if isinstance(err, OSError):
+            raise named(err, path) from err
+        if isinstance(err, RuntimeError):
+            raise OSError(f"cannot write {path}: {str(err).splitlines()[0]}") from err
+        raise
 
 
 def write_json(path: Path, obj: object) -> None:

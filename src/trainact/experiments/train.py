@@ -13,10 +13,10 @@ the run (:mod:`trainact.experiments.rundir`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,65 +27,83 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import trainact
-from trainact.experiments import rundir
+from trainact.experiments import augment, rundir
 from trainact.experiments.data import ImageDataset, load_dataset
-from trainact.experiments.models import MODEL_NAMES, build_model
+from trainact.experiments.models import FIRST_LAYER, MODEL_NAMES, build_model
 
 METHODS = ("baseline", "tract")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+# cosine and step are applied per step; vit-cifar is ViT-CIFAR's per-epoch warm-up and cosine
+SCHEDULES = ("cosine", "step", "constant", "vit-cifar")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("none", "bf16", "fp16")
 # What the model sees: standardized pixels, pixels in [0, 1], or raw pixel values in [0, 255].
 INPUT_RANGES = ("standardized", "unit", "raw")
+# The valid values of each field with a fixed set of them (the command line offers the same).
+CHOICES = {
+    "method": METHODS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "device": DEVICES,
+    "amp": AMP_MODES,
+    "input_range": INPUT_RANGES,
+}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """Every knob of a run. Units in comments; ``None`` means "from the dataset".
+    """Every knob of a run, checked when it is made. Units in comments; ``None`` means "from
+    the dataset" (or "as the rest", for the first layer's optimizer).
 
-    The defaults are the CPU demonstration of ``trainact compare`` (minutes on two cores) with
-    the paper's CIFAR-10 SGD recipe (lr 0.08, momentum 0.9, cosine per step, batch 128).
+    The defaults are the main job, ``trainact compare`` (about 3 minutes on one CPU core for its
+    5 seeds), with the paper's CIFAR-10 SGD recipe (lr 0.08, momentum 0.9, cosine per step,
+    batch 128); ``docs/experiments.md`` says why 3 epochs and 5 seeds.
     """
 
     dataset: str = "cifar10-subset"  # a name or the path of an image folder / archive
     data_dir: str | None = None  # where named datasets and caches live
     train_subset: int | None = None  # stratified subset of the train split (images)
+    test_subset: int | None = None  # stratified subset of the test split (images)
     model: str = "resnet-tiny"
     method: str = "baseline"  # baseline | tract
     lam: float = 0.1  # TrAct's λ
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 128  # images per step
+    drop_last: bool = False  # skip an epoch's last, partial batch
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.08  # peak learning rate
     momentum: float = 0.9  # SGD momentum (Adam's β1 stays 0.9)
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # cosine | step | constant, applied per step
-    final_lr_fraction: float = 0.0  # cosine ends at lr × this
-    milestones: tuple[int, ...] = ()  # step schedule: epochs where lr is multiplied by gamma
+    weight_decay: float = 0.0  # L2 for sgd and adam (added to the gradient), decoupled for adamw
+    first_layer_optimizer: str | None = None  # the first layer's own optimizer (paper, Fig. 9)
+    first_layer_lr: float | None = None  # its peak learning rate; None: lr
+    schedule: str = "cosine"  # cosine | step | constant | vit-cifar (see lr_factor)
+    final_lr_fraction: float = 0.0  # cosine and vit-cifar end at lr × this
+    milestones: tuple[int, ...] = ()  # step schedule: 0-based epochs from which lr × gamma more
     gamma: float = 0.2
-    warmup_epochs: float = 0.0  # linear warm-up from 0 (epochs, may be fractional)
+    warmup_epochs: float = 0.0  # linear warm-up from 0 (epochs; fractional for cosine and step)
     label_smoothing: float = 0.0
-    augment: bool = True  # random crop (4-pixel zero padding) and horizontal flip
+    augment: bool = True  # train-time augmentation: random crop (4-pixel zero padding) and flip,
+    rotation: float = 0.0  # then a random rotation in [-rotation, rotation] degrees, and
+    autoaugment: bool = False  # ViT-CIFAR's AutoAugment CIFAR-10 policy
     input_range: str = "standardized"  # standardized (x - mean) / std | unit [0, 1] | raw [0, 255]
     mean: tuple[float, float, float] | None = None  # standardization; None: the train split's
     std: tuple[float, float, float] | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | bf16 | fp16
+    amp: str = "none"  # none | bf16 | fp16 (fp16 with a GradScaler)
     compile: bool = False
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 250  # images per evaluation batch (on a CPU, 1000 runs slower)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         """Reject values that would fail late, train with a negative or NaN learning rate, or
         silently train something else; the message names the option and the bad value."""
-        choices = {
-            "method": METHODS,
-            "optimizer": ("sgd", "adam", "adamw"),
-            "schedule": ("cosine", "step", "constant"),
-            "device": ("auto", "cpu", "cuda"),
-            "amp": ("none", "bf16", "fp16"),
-            "input_range": INPUT_RANGES,
-        }
-        for field, valid in choices.items():
+        for field, valid in {**CHOICES, "first_layer_optimizer": (None, *OPTIMIZERS)}.items():
             if getattr(self, field) not in valid:
-                _reject(field, f"one of {', '.join(valid)}", getattr(self, field))
+                shown = ", ".join(v for v in valid if v is not None)
+                _reject(field, f"one of {shown}", getattr(self, field))
         for field in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, field) < 1:
                 _reject(field, "at least 1", getattr(self, field))
@@ -101,7 +119,15 @@ class Config:
             "final_lr_fraction": (0, True, 1, True),
             "label_smoothing": (0, True, 1, True),
             "weight_decay": (0, True, math.inf, False),
+            "rotation": (0, True, 180, True),
         }
+        if self.first_layer_lr is not None:
+            ranges["first_layer_lr"] = (0, False, math.inf, False)
+            if self.first_layer_optimizer is None:
+                raise ValueError(
+                    "--first-layer-lr is the learning rate of --first-layer-optimizer: "
+                    "give that too (or set --lr for the whole model)"
+                )
         for field, (low, low_ok, high, high_ok) in ranges.items():
             value = getattr(self, field)
             if not (
@@ -112,6 +138,9 @@ class Config:
         if not 0 <= self.warmup_epochs < self.epochs:
             below = f"at least 0 and below --epochs ({self.epochs})"
             _reject("warmup_epochs", below, self.warmup_epochs)
+        if self.schedule == "vit-cifar" and self.warmup_epochs != int(self.warmup_epochs):
+            _reject("warmup_epochs", "a whole number of epochs for --schedule vit-cifar",
+                    self.warmup_epochs)  # fmt: skip
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _reject("seed", "an integer", self.seed)
         if not 0 <= self.seed <= MAX_SEED:
@@ -127,8 +156,9 @@ class Config:
                 f"--mean and --std standardize the inputs: they do not apply to --input-range "
                 f"{self.input_range!r}"
             )
-        if self.train_subset is not None and self.train_subset < 1:
-            _reject("train_subset", "at least 1", self.train_subset)
+        for field in ("train_subset", "test_subset"):
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                _reject(field, "at least 1", getattr(self, field))
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for, but torch sees no CUDA device")
 
@@ -151,9 +181,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 def load_data(cfg: Config, progress: bool = True) -> ImageDataset:
-    """The dataset ``cfg`` names, with its stratified train subset (drawn with ``cfg.seed``)."""
+    """The dataset ``cfg`` names, with its stratified train subset (drawn with ``cfg.seed``) and
+    test subset (always the same images)."""
     return load_dataset(
-        cfg.dataset, cfg.data_dir, train_subset=cfg.train_subset, seed=cfg.seed, progress=progress
+        cfg.dataset,
+        cfg.data_dir,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
+        seed=cfg.seed,
+        progress=progress,
     )
 
 
@@ -167,6 +203,19 @@ def resolve_device(name: str) -> torch.device:
     )
 
 
+def environment(device: torch.device) -> dict:
+    """Where a run is computed: versions, device and CPU threads (recorded in ``job.json``)."""
+    env = {
+        "trainact": trainact.__version__,
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: uint8 on the device, batches sliced from a permutation, augmentation on whole batches.
 
@@ -176,18 +225,14 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(1_000_003 * seed + epoch)
 
 
-def augment(images: Tensor, gen: torch.Generator) -> Tensor:
-    """Random crop with 4-pixel zero padding and horizontal flip, for a whole uint8 batch."""
-    b, _, h, w = images.shape
-    padded = F.pad(images, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (b, 1, 1), generator=gen, device=images.device)
-    dx = torch.randint(0, 9, (b, 1, 1), generator=gen, device=images.device)
-    rows = (dy + torch.arange(h, device=images.device).view(1, h, 1)).expand(b, h, w)
-    cols = (dx + torch.arange(w, device=images.device).view(1, 1, w)).expand(b, h, w)
-    batch = torch.arange(b, device=images.device).view(b, 1, 1).expand(b, h, w)
-    crops = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-    flip = torch.rand(b, generator=gen, device=images.device) < 0.5
-    return torch.where(flip.view(b, 1, 1, 1), crops.flip(3), crops)
+def augment_batch(cfg: Config, images: Tensor, gen: torch.Generator, rng: random.Random) -> Tensor:
+    """The recipe's train-time augmentation of a uint8 batch (see :mod:`.augment`)."""
+    images = augment.crop_flip(images, gen)
+    if cfg.rotation:
+        images = augment.rotate(images, cfg.rotation, gen)
+    if cfg.autoaugment:
+        images = augment.autoaugment(images, rng)
+    return images
 
 
 def normalize(images: Tensor, input_range: str, mean: Tensor, std: Tensor) -> Tensor:
@@ -200,36 +245,78 @@ def normalize(images: Tensor, input_range: str, mean: Tensor, std: Tensor) -> Te
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimization: optimizer and a per-step learning-rate schedule.
+# Optimization: the optimizers (one, or the first layer's and the rest's) and a learning-rate
+# schedule as a factor of each one's peak rate.
 
 
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return kind(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def make_optimizers(cfg: Config, model: nn.Module, first_layer: str) -> list[torch.optim.Optimizer]:
+    """The optimizer of the whole model, or with ``cfg.first_layer_optimizer`` one for the
+    layer ``first_layer`` and one for the rest; each group keeps its peak rate as ``peak_lr``."""
+
+    def make(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        if kind == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        else:
+            cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+            opt = cls(params, lr=lr, weight_decay=cfg.weight_decay)
+        for group in opt.param_groups:
+            group["peak_lr"] = lr
+        return opt
+
+    if cfg.first_layer_optimizer is None:
+        return [make(cfg.optimizer, list(model.parameters()), cfg.lr)]
+    first = list(model.get_submodule(first_layer).parameters())
+    ids = {id(p) for p in first}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    first_lr = cfg.first_layer_lr if cfg.first_layer_lr is not None else cfg.lr
+    return [make(cfg.first_layer_optimizer, first, first_lr), make(cfg.optimizer, rest, cfg.lr)]
 
 
-def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
-    """Learning rate at ``step`` (0-based): linear warm-up, then the schedule."""
-    epoch = step / steps_per_epoch
+def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """The learning rate at ``step`` (0-based) over the peak rate.
+
+    cosine, step, constant: a linear warm-up from 0 over ``warmup_epochs`` (per step), then
+    per step a cosine to ``final_lr_fraction`` over the remaining steps, ×``gamma`` from each
+    of ``milestones`` (0-based epochs) on, or constant. vit-cifar, per epoch e (0-based) as
+    ViT-CIFAR's GradualWarmupScheduler and CosineAnnealingLR(T_max=epochs) step it: e / W up to
+    the W warm-up epochs, then the cosine from 1 to ``final_lr_fraction`` over ``epochs``
+    starting one epoch later (epoch W + 1 is at the peak).
+    """
+    low = cfg.final_lr_fraction
+    if cfg.schedule == "vit-cifar":
+        e, warm = step // steps_per_epoch, int(cfg.warmup_epochs)
+        if warm and e <= warm:
+            return e / warm
+        k = e - warm - 1 if warm else e
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * k / cfg.epochs))
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return step / warmup
     if cfg.schedule == "constant":
-        return cfg.lr
+        return 1.0
     if cfg.schedule == "step":
-        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        return cfg.gamma ** sum(step / steps_per_epoch >= m for m in cfg.milestones)
     progress = (step - warmup) / max(1, total - warmup)
-    low = cfg.lr * cfg.final_lr_fraction
-    return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of the whole model (the rest, with a first-layer optimizer) at ``step``."""
+    return cfg.lr * lr_factor(cfg, step, steps_per_epoch)
+
+
+def steps_in_epoch(cfg: Config, train_size: int) -> int:
+    """Optimizer steps per epoch: every batch, or only the full ones with ``drop_last``."""
+    return train_size // cfg.batch_size if cfg.drop_last else math.ceil(train_size / cfg.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation: a plain function.
+
+TOP_K = 5  # top-5 accuracy beside top-1, for datasets with more classes than this
 
 
 @torch.no_grad()
@@ -241,10 +328,12 @@ def evaluate(
     mean: Tensor,
     std: Tensor,
     amp: Callable[[], torch.autocast],
-) -> tuple[float, float]:
-    """(mean loss, accuracy) over a whole split, in eval mode."""
+    num_classes: int,
+) -> tuple[float, float, float | None]:
+    """(mean loss, top-1 accuracy, top-5 accuracy or None for 5 classes or fewer) over a whole
+    split, in eval mode."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, correct_k = 0.0, 0, 0
     for start in range(0, len(images), cfg.eval_batch_size):
         x = normalize(images[start : start + cfg.eval_batch_size], cfg.input_range, mean, std)
         y = labels[start : start + cfg.eval_batch_size]
@@ -252,8 +341,12 @@ def evaluate(
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
+        if num_classes > TOP_K:
+            top = logits.topk(TOP_K, dim=1).indices
+            correct_k += (top == y[:, None]).any(1).sum().item()
     model.train()
-    return loss_sum / len(images), correct / len(images)
+    n = len(images)
+    return loss_sum / n, correct / n, correct_k / n if num_classes > TOP_K else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,31 +354,21 @@ def evaluate(
 # checks one against the other.
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise rundir.named(err, path) from err
-        raise OSError(f"cannot write {path}: {str(err).splitlines()[0]}") from err
-
-
 def _restore(
     path: Path,
     device: torch.device,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler,
 ) -> int:
     """Load model, optimizer and scaler state from the checkpoint; the epochs it has finished."""
     try:
         state = torch.load(path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if len(state["optimizers"]) != len(optimizers):
+            raise ValueError(f"{len(state['optimizers'])} optimizers saved, {len(optimizers)} made")
+        for opt, saved in zip(optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(saved)
         scaler.load_state_dict(state["scaler"])
         return int(state["epoch"])
     except Exception as err:  # a corrupt pickle raises nearly anything
@@ -345,32 +428,36 @@ def train(
     ``out_dir`` is claimed for this run (see :mod:`trainact.experiments.rundir`); with
     ``resume`` a run already there continues from its checkpoint (only the fields in
     :data:`RESUMABLE_CHANGES` may differ), and an empty or new directory starts afresh.
+    ``progress`` shows a bar per epoch where stderr is a terminal.
 
     Raises:
         FileExistsError: ``out_dir`` holds a run and ``resume`` is False, belongs to another
             job, or is in use by another process.
-        ValueError: a bad knob; resuming a run of another configuration (each field named);
-            results or checkpoint that are corrupt or disagree (the file named).
+        ValueError: resuming a run of another configuration (each field named); results or
+            checkpoint that are corrupt or disagree (the file named); a train split smaller
+            than one batch with ``drop_last``.
         OSError: a file cannot be written (the path named).
         NonFiniteLoss: the loss became NaN or infinite (results so far are kept).
     """
-    cfg.validate()
     out = Path(out_dir)
     identity = {"config": dataclasses.asdict(cfg)}
-    with rundir.claim(out, "train", identity, resume=resume, mutable=RESUMABLE_CHANGES):
-        return _run(cfg, out, data, on_epoch, progress)
+    device = resolve_device(cfg.device)
+    with rundir.claim(
+        out, "train", identity, resume=resume, mutable=RESUMABLE_CHANGES, env=environment(device)
+    ):
+        return _run(cfg, out, device, data, on_epoch, progress)
 
 
 def _run(
     cfg: Config,
     out: Path,
+    device: torch.device,
     data: ImageDataset | None,
     on_epoch: Callable[[dict], None] | None,
     progress: bool,
 ) -> list[dict]:
     """The run in a claimed directory: set up, restore the checkpoint if any, train."""
     results_path, ckpt_path = out / "results.jsonl", out / "checkpoint.pt"
-    device = resolve_device(cfg.device)
 
     # data, held on the device as uint8
     if data is None:
@@ -379,14 +466,21 @@ def _run(
     test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
     mean = torch.tensor(cfg.mean or data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std or data.std, device=device).view(1, 3, 1, 1)
-    steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+    steps_per_epoch = steps_in_epoch(cfg, len(train_x))
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"--drop-last with --batch-size {cfg.batch_size} leaves no step: the train split "
+            f"has {len(train_x)} images"
+        )
+    images_per_epoch = min(len(train_x), steps_per_epoch * cfg.batch_size)
 
     # model: the same initialization for both methods of a seed
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(data.classes), train_x.shape[-1]).to(device)
+    first_layer = FIRST_LAYER[cfg.model]
     if cfg.method == "tract":
-        trainact.apply(model, cfg.lam)
-    optimizer = make_optimizer(cfg, model)
+        trainact.apply(model, cfg.lam, layer=first_layer)
+    optimizers = make_optimizers(cfg, model, first_layer)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
@@ -397,24 +491,26 @@ def _run(
 
     start_epoch = 0
     if ckpt_path.exists():
-        start_epoch = _restore(ckpt_path, device, model, optimizer, scaler)
+        start_epoch = _restore(ckpt_path, device, model, optimizers, scaler)
     records = _finished_results(results_path, ckpt_path, start_epoch)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
         gen = epoch_generator(cfg.seed, epoch, device)
+        rng = random.Random(1_000_003 * cfg.seed + epoch)  # AutoAugment's choices
         order = torch.randperm(len(train_x), generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         bar = _progress(steps_per_epoch, f"{cfg.method} seed {cfg.seed} epoch {epoch}", progress)
         for i in range(steps_per_epoch):
-            step = (epoch - 1) * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, step, steps_per_epoch)
+            factor = lr_factor(cfg, (epoch - 1) * steps_per_epoch + i, steps_per_epoch)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["peak_lr"] * factor
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             images = train_x[idx]
             if cfg.augment:
-                images = augment(images, gen)
+                images = augment_batch(cfg, images, gen, rng)
             x, y = normalize(images, cfg.input_range, mean, std), train_y[idx]
             with amp():
                 logits = forward(x)
@@ -425,44 +521,50 @@ def _run(
                     f"results of the {len(records)} finished epochs are kept in {results_path}"
                 )
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            for opt in optimizers:
+                scaler.step(opt)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
             bar.update()
         bar.close()
-        test_loss, test_acc = evaluate(forward, test_x, test_y, cfg, mean, std, amp)
+        test_loss, test_acc, test_top5 = evaluate(
+            forward, test_x, test_y, cfg, mean, std, amp, len(data.classes)
+        )
         record = {
             "method": cfg.method,
             "seed": cfg.seed,
             "epoch": epoch,
             "epochs": cfg.epochs,
-            "train_loss": loss_sum.item() / len(train_x),
-            "train_acc": correct.item() / len(train_x),
+            "train_loss": loss_sum.item() / images_per_epoch,
+            "train_acc": correct.item() / images_per_epoch,
             "test_loss": test_loss,
             "test_acc": test_acc,
-            "lr": optimizer.param_groups[0]["lr"],
+            **({"test_top5": test_top5} if test_top5 is not None else {}),
+            "lr": cfg.lr * factor,
             "seconds": time.perf_counter() - started,
         }
         records.append(record)
         rundir.append_jsonl(results_path, record)
-        _atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "config": dataclasses.asdict(cfg),
-            },
-            ckpt_path,
-        )
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in optimizers],
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "config": dataclasses.asdict(cfg),
+        }
+        rundir.write_atomic(ckpt_path, lambda f, obj=checkpoint: torch.save(obj, f))
         if on_epoch is not None:
             on_epoch(record)
     return records
 
 
 def _progress(total: int, desc: str, enabled: bool):
+    """A progress bar on stderr, shown only where stderr is a terminal (tqdm's ``disable=None``)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, leave=False, disable=None if enabled else True, dynamic_ncols=True
+    )
