@@ -69,13 +69,48 @@ def checkpointed_model() -> nn.Sequential:
     return nn.Sequential(Checkpointed(model[:2]), *model[2:])
 
 
-FIRST_LAYER = {conv_model: "0", linear_model: "0", checkpointed_model: "0.inner.0"}
+class TwoViews(nn.Module):
+    """One encoder called on two views of the batch (x and 2x + 1), outputs summed."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) + self.inner(2 * x + 1)
+
+
+def two_view_model() -> nn.Module:
+    return TwoViews(conv_model())
+
+
+class Tied(nn.Module):
+    """A first Linear whose weight a decoder reuses transposed, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Linear(32, 8).double()
+        self.head = nn.Linear(32, 2).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        decoded = nn.functional.linear(torch.tanh(self.encoder(x)), self.encoder.weight.T)
+        return self.head(decoded)
+
+
+FIRST_LAYER = {
+    conv_model: "0",
+    linear_model: "0",
+    checkpointed_model: "0.inner.0",
+    two_view_model: "inner.0",
+    Tied: "encoder",
+}
 
 
 def global_data(model_fn: Callable[[], nn.Module], steps: Steps) -> list[list[list[Tensor]]]:
     """``data[step][micro][rank]`` = (x, y) shares of that micro-batch, identical on all ranks."""
     gen = torch.Generator().manual_seed(1)
-    shape = (32,) if model_fn is linear_model else (3, 6, 6)
+    shape = (32,) if model_fn in (linear_model, Tied) else (3, 6, 6)
     data = []
     for micro_batches in steps:
         step = []
@@ -198,12 +233,15 @@ def train_distributed(
     defer: bool = False,
     on_step: bool = False,
     wrap: str = "ddp",
+    extra_forward: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train on this rank's shares under DDP or FSDP2; returns the model and collective counts.
 
     Non-last micro-batches skip the gradient sync (``no_sync()`` / FSDP2's
     ``set_requires_gradient_sync(False)``). Deferred layers are finished by ``precondition_``
-    after the last backward, or by the optimizer pre-hook when ``on_step``.
+    after the last backward, or by the optimizer pre-hook when ``on_step``. With
+    ``extra_forward``, rank 0 alone also runs a training-mode forward through the unwrapped
+    model before each step, whose backward never runs (a logging pass).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     model = model_fn()
@@ -234,6 +272,8 @@ def train_distributed(
                     module.set_requires_gradient_sync(last)
                     sync = nullcontext()
                 x, y = micro[rank]
+                if extra_forward and rank == 0:
+                    model(x).sum().item()  # a logging pass: forward only, in training mode
                 with sync:
                     out = module(x)
                     unwaited_after_forward += sum(log.calls) - log.waits
@@ -291,6 +331,9 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_none": lambda: compare(conv_model, UNEVEN, process_group=None),
     "ddp_none_per_rank": lambda: compare(conv_model, UNEVEN, per_rank=True, process_group=None),
     "ddp_checkpoint": lambda: compare(checkpointed_model, UNEVEN),
+    "ddp_extra_forward": lambda: compare(conv_model, EVEN, extra_forward=True),
+    "ddp_two_views": lambda: compare(two_view_model, UNEVEN),
+    "ddp_tied": lambda: compare(Tied, EVEN),
     "ddp_defer_no_sync": lambda: compare(conv_model, MICRO, defer=True),
     "ddp_defer_no_sync_linear": lambda: compare(linear_model, MICRO, defer=True),
     "ddp_defer_on_step": lambda: compare(conv_model, MICRO, defer=True, on_step=True),

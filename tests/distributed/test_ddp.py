@@ -56,6 +56,22 @@ def test_checkpoint_recomputation_uses_the_reduced_statistics(scenario) -> None:
         assert counts["async_calls"] == counts["waits"] == counts["forwards"]
 
 
+def test_a_forward_without_backward_on_one_rank_communicates_nothing(scenario) -> None:
+    """Rank 0 runs an extra training-mode forward each step (a logging pass through the
+    unwrapped model): no collective for it (it used to hang or kill the group), exact steps."""
+    ranks = scenario("ddp_extra_forward")
+    assert_matches_one_process(ranks)
+    for counts in ranks:
+        assert counts["async_calls"] == counts["waits"] == counts["forwards"]
+
+
+@pytest.mark.parametrize("name", ["ddp_two_views", "ddp_tied"])
+def test_two_views_and_tied_weights_follow_the_single_process_rule(scenario, name: str) -> None:
+    """Each call with its own statistics, summed over the ranks; a tied weight's other use
+    plain: the same gradient as one process on the whole batch."""
+    assert_matches_one_process(scenario(name))
+
+
 @pytest.mark.parametrize(
     "name", ["ddp_defer_no_sync", "ddp_defer_no_sync_linear", "ddp_defer_on_step"]
 )

@@ -159,6 +159,21 @@ def check_model(model: nn.Module, name: str, defer: bool) -> None:
 # ---- a training call -----------------------------------------------------------------------
 
 
+def check_weight(layer: nn.Module, weight: Tensor) -> None:
+    """Refuse a weight TrAct cannot precondition, before anything reads it (Opacus's expanded
+    weights answer no attribute read)."""
+    if type(weight).__name__ == "ExpandedWeight":
+        raise _opacus(type(layer).__name__)
+
+
+def _opacus(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"TrAct on {name} cannot be combined with Opacus: its per-sample gradients come from "
+        "the plain layer's activations and output gradients, which TrAct does not change, and "
+        "they replace .grad. Train with Opacus after trainact.remove(model)"
+    )
+
+
 def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> None:
     """Refuse a training call whose surroundings TrAct cannot follow."""
     name = type(layer).__name__
@@ -188,15 +203,10 @@ def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> 
             "preconditioned with its own statistics. Call the plain model: "
             "trainact.remove(model), or put it in eval mode"
         )
-    if type(weight).__name__ == "ExpandedWeight" or any(
-        getattr(hook, "__module__", "").startswith("opacus.")
-        for hook in layer._forward_hooks.values()
+    if any(
+        getattr(h, "__module__", "").startswith("opacus.") for h in layer._forward_hooks.values()
     ):
-        raise RuntimeError(
-            f"TrAct on {name} cannot be combined with Opacus: its per-sample gradients come "
-            "from the plain layer's activations and output gradients, which TrAct does not "
-            "change, and they replace .grad. Train with Opacus after trainact.remove(model)"
-        )
+        raise _opacus(name)
     if getattr(layer, "qconfig", None) is not None:
         raise RuntimeError(
             f"{name} has a qconfig, but TrAct's layer is not one that "

@@ -396,9 +396,11 @@ def find_first_layer(model: nn.Module, example_inputs: Any = None) -> str:
     if example_inputs is not None:
         note = " (every tensor in example_inputs is an input)"
         return _decide(model, _run_meetings(model, example_inputs), note)
+    tracer = _LayerTracer()
     try:
-        graph = _LayerTracer().trace(model)
+        graph = tracer.trace(model)
     except Exception as err:  # fx raises many error types on untraceable models
+        tracer.__dict__.clear()
         if len(eligible) == 1 and _holds_every_weight(model, eligible[0]):
             return eligible[0]
         reason = str(err).strip().splitlines()[0][:100] if str(err).strip() else ""
@@ -409,7 +411,11 @@ def find_first_layer(model: nn.Module, example_inputs: Any = None) -> str:
             f"({type(err).__name__}: {reason}).\nPass example_inputs={hint} to find it in one "
             f"forward run, or layer= one of: {_listing(eligible)}"
         ) from err
-    return _decide(model, _graph_meetings(model, graph))
+    meetings = _graph_meetings(model, graph)
+    # The tracer's patched methods close over the tracer, which holds the model: without this,
+    # the model would stay alive in a reference cycle until the next garbage collection.
+    tracer.__dict__.clear()
+    return _decide(model, meetings)
 
 
 def _holds_every_weight(model: nn.Module, name: str) -> bool:

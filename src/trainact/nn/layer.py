@@ -178,6 +178,7 @@ def tract_forward(layer: nn.Module, state: TrActState, input: Tensor) -> Tensor:
     """The layer's forward with TrAct: plain in eval mode, under no_grad or with a frozen
     weight; otherwise the weight's gradient is preconditioned (:func:`_preconditioned_forward`)."""
     weight = layer.weight  # read once (parametrizations run here)
+    checks.check_weight(layer, weight)
     if not (layer.training and torch.is_grad_enabled() and weight.requires_grad):
         return layer_forward(layer, input, weight, layer.bias)
     checks.check_call(layer, weight, input, state.defer)
@@ -241,11 +242,28 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 class TrActLayer(nn.Module):
-    """The base of the generated ``TrAct<Layer>`` classes; never instantiated directly."""
+    """The base of the generated ``TrAct<Layer>`` classes; never instantiated directly.
+
+    Under ``torch.jit.script`` the forward compiles to the plain layer's (TrAct's own forward and
+    backward are Python), and the scripted module refuses training mode, where it would train
+    without TrAct; the Python module keeps TrAct.
+    """
 
     _trainact_base: type[nn.Module]
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: D102
+        if torch.jit.is_scripting():
+            if self.training:
+                raise RuntimeError(
+                    "this module was scripted with torch.jit.script, which cannot keep TrAct: "
+                    "it runs the plain layer, for inference in eval mode only; train the Python "
+                    "module"
+                )
+            return self._plain_forward(input)
+        return self._tract_call(input)
+
+    @torch.jit.unused
+    def _tract_call(self, input: Tensor) -> Tensor:
         state = self.__dict__.get(STATE)
         if state is None:  # removed while the class could not be restored (see disable)
             return self._trainact_base.forward(self, input)
@@ -255,19 +273,19 @@ class TrActLayer(nn.Module):
         # The generated class cannot be imported by name: rebuild it from the layer's own class.
         return (_rebuild, (self._trainact_base,), self.__getstate__())
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        """What ``torch.jit.script`` compiles instead of this layer: the plain layer, sharing
-        its parameters, in eval mode (TrAct then changes nothing); an error in training mode,
-        where TrAct's Python forward and backward cannot be scripted."""
-        if self.training:
-            raise RuntimeError(
-                f"torch.jit.script cannot keep TrAct on {type(self).__name__} (its forward and "
-                "backward are Python): script the model in eval mode (model.eval()) for "
-                "inference, or after trainact.remove(model)"
-            )
-        plain = self._trainact_base.__new__(self._trainact_base)
-        plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != STATE})
-        return plain
+
+class _LinearForward:
+    """The plain forward of a Linear, in a form TorchScript compiles."""
+
+    def _plain_forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.weight, self.bias)
+
+
+class _ConvForward:
+    """The plain forward of a ConvNd, in a form TorchScript compiles."""
+
+    def _plain_forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight, self.bias)
 
 
 _CLASSES: dict[type[nn.Module], type[TrActLayer]] = {}
@@ -283,7 +301,8 @@ def _tract_class(base: type[nn.Module]) -> type[TrActLayer]:
         # The base's module: torch.fx keeps torch.nn layers as leaves (call_module), so tracing
         # a model with TrAct (feature extractors, quantization) keeps the TrAct layer whole.
         namespace = {"_trainact_base": base, "__module__": base.__module__}
-        cls = type(f"TrAct{base.__name__}", (TrActLayer, base), namespace)
+        plain = _LinearForward if issubclass(base, nn.Linear) else _ConvForward
+        cls = type(f"TrAct{base.__name__}", (TrActLayer, plain, base), namespace)
         _CLASSES[base] = cls
     return cls
 

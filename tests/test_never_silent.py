@@ -1,0 +1,354 @@
+"""Never silently wrong, part two: what users do between forward and the optimizer step.
+
+Each test is one probe of ordinary training code that used to train silently wrong or crash
+with a message that never named TrAct; now each is exact or raises an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import trainact
+from trainact.testing import reference_tract_grad, relative_error
+
+F64 = torch.float64
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2)).double()
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = 3 + 2 * torch.randn(4, 3, 6, 6, generator=gen, dtype=F64)
+    return x, torch.randn(4, 2, generator=gen, dtype=F64)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x) - y).square().mean()
+
+
+# ---- deferred statistics belong to their gradient ------------------------------------------
+
+
+def _discard(model: nn.Module, opt: torch.optim.Optimizer, how: str) -> None:
+    if how == "optimizer.zero_grad()":
+        opt.zero_grad()
+    elif how == "zero_grad(set_to_none=False)":
+        opt.zero_grad(set_to_none=False)
+    elif how == "model.zero_grad()":
+        model.zero_grad()
+    else:  # .grad = None
+        for p in model.parameters():
+            p.grad = None
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["optimizer.zero_grad()", "zero_grad(set_to_none=False)", "model.zero_grad()", ".grad = None"],
+)
+def test_a_discarded_backward_leaves_no_statistics_behind(how):
+    """An adversarial or probing backward, then its gradient cleared, then the real one: the
+    step equals the real backward alone (the discarded statistics went with their gradient)."""
+    kept = _model()
+    trainact.apply(kept, defer=True)
+    _loss(kept, *_batch(2)).backward()
+    trainact.precondition_(kept)
+    expected = kept[0].weight.grad.clone()
+
+    model = _model()
+    trainact.apply(model, defer=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch(1)
+    _loss(model, 5 * x, y).backward()
+    _discard(model, opt, how)
+    _loss(model, *_batch(2)).backward()
+    assert trainact.precondition_(model) == 1
+    torch.testing.assert_close(model[0].weight.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_statistics_of_a_gradient_cleared_after_its_backward_are_dropped():
+    """backward, zero_grad, then precondition_ and step: nothing to precondition, no error."""
+    model = _model()
+    trainact.apply(model, defer=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _loss(model, *_batch(1)).backward()
+    opt.zero_grad()
+    assert trainact.precondition_(model) == 0
+    opt.step()
+
+
+def test_accumulated_micro_batches_are_all_kept():
+    """Not a clearing: gradients accumulated over micro-batches keep every micro-batch's
+    statistics (one batch of the concatenation)."""
+    big = _model()
+    trainact.apply(big)
+    x = torch.cat([_batch(1)[0], _batch(2)[0]])
+    y = torch.cat([_batch(1)[1], _batch(2)[1]])
+    _loss(big, x, y).backward()
+
+    model = _model()
+    trainact.apply(model, defer=True)
+    for seed in (1, 2):
+        (_loss(model, *_batch(seed)) / 2).backward()
+    trainact.precondition_(model)
+    torch.testing.assert_close(model[0].weight.grad, big[0].weight.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_autograd_grad_under_defer_raises_naming_it():
+    """defer=True preconditions weight.grad, which torch.autograd.grad does not write: the
+    error names autograd.grad (it used to blame zero_grad() at precondition_)."""
+    model = _model()
+    trainact.apply(model, defer=True)
+    with pytest.raises(RuntimeError, match="autograd.grad"):
+        torch.autograd.grad(_loss(model, *_batch(1)), list(model.parameters()))
+    _loss(model, *_batch(2)).backward()  # the failed pass left nothing behind
+    assert trainact.precondition_(model) == 1
+
+
+def test_autograd_grad_without_defer_is_preconditioned():
+    model = _model()
+    trainact.apply(model)
+    (grad,) = torch.autograd.grad(_loss(model, *_batch(1)), [model[0].weight])
+    plain = trainact.remove(_model())
+    _loss(plain, *_batch(1)).backward()
+    expected = reference_tract_grad(model[0], _batch(1)[0], plain[0].weight.grad, 0.1)
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+
+
+# ---- one rule for several calls and tied weights -------------------------------------------
+
+
+def _two_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _loss(model, x, y) + _loss(model, 2 * x + 1, y)
+
+
+def test_two_views_without_defer_use_each_call_s_own_statistics():
+    """The rule (the paper's Lemma, per forward): Σ Gᵢ·Aᵢ⁻¹."""
+    model = _model()
+    trainact.apply(model)
+    x, y = _batch(1)
+    _two_views(model, x, y).backward()
+    expected = 0
+    for view in (x, 2 * x + 1):
+        plain = trainact.remove(_model())
+        _loss(plain, view, y).backward()
+        expected = expected + reference_tract_grad(model[0], view, plain[0].weight.grad, 0.1)
+    torch.testing.assert_close(model[0].weight.grad, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_two_views_with_defer_raise():
+    """Deferred statistics would pool the two calls, a different update than without defer:
+    refused, with what to do."""
+    model = _model()
+    trainact.apply(model, defer=True)
+    with pytest.raises(RuntimeError, match="torch.cat"):
+        _two_views(model, *_batch(1)).backward()
+
+
+class _Tied(nn.Module):
+    """A first Linear whose weight the decoder reuses (a tied autoencoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Linear(12, 4).double()
+        self.decoder = nn.Module()
+        self.decoder.weight = self.encoder.weight  # the same Parameter, used transposed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.tanh(self.encoder(x)), self.decoder.weight.T)
+
+
+def test_tied_weights_without_defer_precondition_the_layer_s_own_share():
+    model = _Tied()
+    trainact.apply(model, layer="encoder")
+    x = torch.randn(20, 12, dtype=F64)
+    (model(x) - x).square().mean().backward()
+    # the plain gradient, split into the encoder's own share and the decoder's
+    plain = trainact.remove(_Tied())
+    w = plain.encoder.weight
+    h = plain.encoder(x)
+    decoded = nn.functional.linear(torch.tanh(h), w.detach().T)
+    (own,) = torch.autograd.grad((decoded - x).square().mean(), [w])
+    plain.zero_grad()
+    (plain(x) - x).square().mean().backward()
+    other = w.grad - own
+    expected = reference_tract_grad(model.encoder, x, own, 0.1) + other
+    torch.testing.assert_close(model.encoder.weight.grad, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_tied_weights_with_defer_are_refused():
+    with pytest.raises(ValueError, match="tied"):
+        trainact.apply(_Tied(), layer="encoder", defer=True)
+
+
+# ---- frozen layers ---------------------------------------------------------------------------
+
+
+def test_a_frozen_first_layer_warns_naming_it_and_costs_nothing(monkeypatch):
+    model = _model()
+    model[0].requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"TrAct enabled on 0, whose weight does not require"):
+        assert trainact.apply(model) == "0"
+    with pytest.warns(UserWarning, match="frozen"):
+        trainact.TrAct(nn.Linear(3, 2).requires_grad_(False))
+    calls = []
+    original = trainact.nn.layer.patch_statistics
+    monkeypatch.setattr(
+        trainact.nn.layer, "patch_statistics", lambda *a: calls.append(1) or original(*a)
+    )
+    _loss(model, *_batch(1)).backward()
+    assert not calls
+    model[0].requires_grad_(True)  # unfrozen later: TrAct works from then on
+    _loss(model, *_batch(1)).backward()
+    assert calls
+
+
+def test_a_trainable_layer_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainact.apply(_model())
+
+
+# ---- tracing and scripting -------------------------------------------------------------------
+
+
+def test_jit_trace_in_training_mode_raises_and_traces_in_eval_mode():
+    model = _model()
+    trainact.apply(model)
+    x = _batch(1)[0]
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.trace(model, (x,))
+    traced = torch.jit.trace(model.eval(), (x,))
+    torch.testing.assert_close(traced(x), model(x))
+
+
+def test_jit_script_compiles_the_plain_layer_for_eval_mode_and_refuses_training():
+    """Scripting used to fail ("has no attribute '__dict__'"); the scripted module computes the
+    plain layer in eval mode, refuses training mode, and the Python model keeps TrAct."""
+    model = _model()
+    trainact.apply(model)
+    x = _batch(1)[0]
+    scripted = torch.jit.script(model)
+    with pytest.raises(torch.jit.Error, match="cannot keep TrAct"):
+        scripted(x)
+    scripted.eval()
+    model.eval()
+    torch.testing.assert_close(scripted(x), model(x))
+    assert trainact.is_enabled(model)
+    model.train()
+    _loss(model, *_batch(1)).backward()  # the Python model still trains with TrAct
+
+
+# ---- transforms and libraries TrAct cannot follow ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda f, p, x: torch.func.grad(lambda p: f(p, x).sum())(p),
+        lambda f, p, x: torch.func.jacrev(lambda p: f(p, x).sum())(p),
+        lambda f, p, x: torch.func.vmap(lambda xi: f(p, xi[None]))(x),
+    ],
+    ids=["grad", "jacrev", "vmap"],
+)
+def test_torch_func_transforms_raise_naming_tract(transform):
+    layer = trainact.TrAct(nn.Linear(5, 3))
+    params = dict(layer.named_parameters())
+
+    def f(p, x):
+        return torch.func.functional_call(layer, p, (x,))
+
+    with pytest.raises(RuntimeError, match="TrAct on TrActLinear does not support torch.func"):
+        transform(f, params, torch.randn(4, 5))
+
+
+def test_functional_call_outside_transforms_is_preconditioned():
+    layer = trainact.TrAct(nn.Linear(5, 3).double())
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
+    x = torch.randn(8, 5, dtype=F64)
+    torch.func.functional_call(layer, params, (x,)).square().sum().backward()
+    plain = trainact.remove(copy.deepcopy(layer))
+    plain.load_state_dict({k: v.detach() for k, v in params.items()})
+    plain(x).square().sum().backward()
+    expected = reference_tract_grad(layer, x, plain.weight.grad, 0.1)
+    assert relative_error(params["weight"].grad, expected) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
+def test_opacus_raises_naming_tract(mode):
+    opacus = pytest.importorskip("opacus.grad_sample")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    trainact.apply(model)
+    gsm_class = opacus.get_gsm_class(mode)
+    gsm = gsm_class(model, force_functorch=True) if mode == "functorch" else gsm_class(model)
+    with pytest.raises(RuntimeError, match="TrAct on TrActConv2d cannot be combined with Opacus"):
+        gsm(torch.randn(5, 3, 8, 8)).sum().backward()
+
+
+def test_prepare_qat_raises_instead_of_leaving_the_stem_unquantized():
+    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    trainact.apply(model)
+    model.qconfig = get_default_qat_qconfig("x86")
+    prepared = prepare_qat(model.train())
+    assert type(prepared[0]).__name__ == "TrActConv2d"  # not swapped: the silent case
+    with pytest.raises(RuntimeError, match="prepare_qat"):
+        prepared(torch.randn(2, 3, 6, 6))
+
+
+# ---- inputs the layer itself refuses or takes differently ----------------------------------
+
+
+def test_a_kernel_larger_than_the_input_gets_the_layer_s_own_error():
+    layer = trainact.TrAct(nn.Conv2d(3, 4, 5))
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        layer(torch.randn(2, 3, 3, 3))
+
+
+def test_a_jagged_nested_tensor_into_a_linear_layer_is_exact():
+    torch.manual_seed(0)
+    layer = trainact.TrAct(nn.Linear(6, 3).double())
+    rows = [torch.randn(n, 6, dtype=F64) for n in (3, 5, 2)]
+    nested = torch.nested.nested_tensor(rows, layout=torch.jagged)
+    layer(nested).values().square().sum().backward()
+    plain = trainact.remove(copy.deepcopy(layer))
+    plain.zero_grad()
+    flat = torch.cat(rows)
+    plain(flat).square().sum().backward()
+    expected = reference_tract_grad(layer, flat, plain.weight.grad, 0.1)
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_nested_tensor_into_a_convolution_is_refused_naming_tract():
+    layer = trainact.TrAct(nn.Conv1d(2, 3, 3))
+    nested = torch.nested.nested_tensor([torch.randn(2, 5), torch.randn(2, 7)])
+    with pytest.raises(TypeError, match="TrAct on TrActConv1d does not support nested"):
+        layer(nested)
+
+
+# ---- discovery leaves nothing behind ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["fx", "example_inputs"])
+def test_automatic_discovery_leaves_no_reference_cycle_holding_the_model(example):
+    model = _model()
+    gc.collect()
+    gc.disable()
+    try:
+        trainact.apply(model, example_inputs=_batch(1)[0] if example else None)
+        ref = weakref.ref(model[0])
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
