@@ -247,3 +247,36 @@ def test_vit_from_a_small_config(tmp_path):
     big = train(TrActTrainer, 1, tract_layer=layer)
     torch.testing.assert_close(micro, big, rtol=1e-4, atol=1e-5)
     assert (big - train(transformers.Trainer, 1)).abs().max() > 1e-2
+
+
+class ProbingTrainer(TrActTrainer):
+    """A compute_loss that first runs a probing backward and throws its gradient away."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        probe = model(pixel_values=3 * inputs["pixel_values"] + 1, labels=inputs["labels"])
+        probe["loss"].backward()
+        model.zero_grad()
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def test_a_discarded_backward_leaves_nothing_in_the_deferred_statistics(tmp_path):
+    """TrActTrainer always defers: the probing backward's statistics go with its gradient."""
+    model, epochs = Classifier(), 3
+    args = arguments(tmp_path, epochs)
+    ProbingTrainer(model=model, args=args, train_dataset=dataset(), tract_layer="net.0").train()
+    expected, _ = ref([slice(None)] * epochs)
+    torch.testing.assert_close(stem(model), expected[-1], rtol=1e-12, atol=1e-12)
+
+
+class TwoViews(Classifier):
+    def forward(self, pixel_values, labels):
+        logits = self.net(pixel_values) + self.net(2 * pixel_values)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_two_views_raise(tmp_path):
+    trainer = TrActTrainer(
+        model=TwoViews(), args=arguments(tmp_path, 1), train_dataset=dataset(), tract_layer="net.0"
+    )
+    with pytest.raises(RuntimeError, match="torch.cat"):
+        trainer.train()

@@ -246,3 +246,42 @@ def test_ema_weight_averaging():
     for weight in trajectory[1:]:
         average = decay * average + (1 - decay) * weight
     torch.testing.assert_close(module.net[0].weight.detach(), average, rtol=1e-12, atol=1e-12)
+
+
+class Probing(Module):
+    """Manual optimization with a probing backward whose gradient is thrown away each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        self.manual_backward(nn.functional.cross_entropy(self(3 * x + 1), y))  # discarded
+        opt.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_discarded_backward_leaves_nothing_in_the_deferred_statistics():
+    """With deferred statistics (what the callback uses when accumulating), the probing
+    backward's statistics go with its gradient: the steps equal the kept backwards alone."""
+    module = Probing()
+    fit(module, [TrActCallback(0.1, defer=True)], 3)
+    expected, _ = ref([slice(None)] * 3)
+    torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
+
+
+class TwoViews(Module):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y) + nn.functional.cross_entropy(self(2 * x), y)
+
+
+def test_two_views_per_micro_batch_with_accumulation_raise():
+    """Accumulating, the callback defers the statistics, which cannot pool two calls per
+    micro-batch the way the non-deferred path preconditions them: refused."""
+    with pytest.raises(RuntimeError, match="torch.cat"):
+        fit(TwoViews(), [TrActCallback(0.1)], 1, batch_size=N // 2, accumulate_grad_batches=2)
