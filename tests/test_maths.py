@@ -174,7 +174,8 @@ def test_split_product_is_accurate_without_float64(seed, groups, d, cols, offset
     sums.add_to(stats, shift)
     x = torch.cat(chunks, -1).double()
     exact = x @ x.mT
-    tol = 1e-9 * exact.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None]
+    # 2**-7 of float32 summation rounding (≈ 1e-6 relative) on the rest, the exact part exact
+    tol = 2e-8 * exact.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None]
     assert ((stats.gram - exact).abs() <= tol).all()
     assert stats.count.item() == sum(cols)
 
