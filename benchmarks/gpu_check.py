@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --dry-run                            # every part, tiny
 
 On a machine without CUDA the dry run is automatic (tiny sizes, under a minute on a CPU);
-``tests/test_gpu_check.py`` runs it in CI. ``benchmarks/gpu_run.sh`` prepares the folder that
+``tests/benchmarks/test_gpu_check.py`` runs it in CI. ``benchmarks/gpu_run.sh`` prepares the folder that
 travels to a lent GPU machine and holds the exact device command.
 
 1. Correctness against a float64 reference (patches extracted explicitly, trainact.testing):

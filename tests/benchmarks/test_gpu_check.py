@@ -22,7 +22,7 @@ pytest.importorskip("numpy")
 pytest.importorskip("PIL")
 pytest.importorskip("matplotlib")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARTS = {
     1: "Correctness against a float64 reference",
     2: "Real model zoos",

@@ -20,7 +20,7 @@ import trainact
 from trainact.maths import precision
 from trainact.testing import exact_tract_grad
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 CPU = torch.device("cpu")
 

@@ -17,7 +17,7 @@ from torch import nn
 
 pytest.importorskip("numpy")
 pytest.importorskip("PIL")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import accuracy  # noqa: E402
 
 import trainact  # noqa: E402
