@@ -1,5 +1,5 @@
-"""The precision policy per device, the paths of devices this CPU is not (no float64: MPS),
-TF32 never reaching the statistics, and torch.compile with dynamic batch sizes."""
+"""The precision policy per device (trainact/maths/precision.py), the paths of devices this CPU
+is not (no float64: MPS), and TF32 never reaching the statistics."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from tract_reference import reference_tract_grad, relative_error
 
 import trainact
 from trainact.maths import precision
-from trainact.testing import exact_tract_grad
+from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -168,76 +167,6 @@ def test_policy_is_logged_once_with_lambda(caplog):
             layer(torch.randn(4, 3, 8, 8)).sum().backward()
     lines = [r.getMessage() for r in caplog.records if "lambda=0.25" in r.getMessage()]
     assert len(lines) == 1 and "cpu" in lines[0] and "float64" in lines[0]
-
-
-class GraphCount:
-    """A torch.compile backend that counts the graphs it is given (aot_eager underneath)."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-
-MODELS = {
-    "conv stem": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), (3, 8, 8)),
-    "mlp, n < d": (lambda: nn.Sequential(nn.Linear(300, 16), nn.ReLU()), (300,)),
-}
-
-
-@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
-@pytest.mark.parametrize("model", sorted(MODELS))
-def test_compile_one_graph_for_every_batch_size(model, how):
-    """One graph serves 5 batch sizes, fullgraph included, each step exact. (The sizes stay
-    below 16, where a plain CPU convolution's own compiled graph specializes on the batch; the
-    first differs from every other size of the input, which dynamo would otherwise unify.)"""
-    torch._dynamo.reset()
-    make, sample = MODELS[model]
-    torch.manual_seed(0)
-    net = make()
-    eager = copy.deepcopy(net)
-    trainact.apply(net)
-    trainact.apply(eager)
-    backend = GraphCount()
-    compiled = torch.compile(
-        net, fullgraph=True, backend=backend, dynamic=True if how == "dynamic=True" else None
-    )
-    for batch in (5, 7, 9, 11, 13):
-        x = torch.randn(batch, *sample)
-        if how == "mark_dynamic":
-            torch._dynamo.mark_dynamic(x, 0)
-        for m, f in ((net, compiled), (eager, eager)):
-            m.zero_grad(set_to_none=True)
-            f(x).square().mean().backward()
-        torch.testing.assert_close(net[0].weight.grad, eager[0].weight.grad, rtol=1e-5, atol=1e-7)
-    assert backend.graphs == 1
-
-
-def test_compile_inductor_dynamic_is_exact():
-    torch._dynamo.reset()
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-    eager = copy.deepcopy(net)
-    trainact.apply(net)
-    trainact.apply(eager)
-    compiled = torch.compile(net, fullgraph=True, dynamic=True)
-    for batch in (2, 5):
-        x = torch.rand(batch, 3, 8, 8) * 255  # raw pixels: the float64 product inside the op
-        for m, f in ((net, compiled), (eager, eager)):
-            m.zero_grad(set_to_none=True)
-            f(x).square().mean().backward()
-        assert relative_error(net[0].weight.grad, eager[0].weight.grad) < 1e-6
-
-
-@pytest.mark.parametrize("statistics_dtype", [None, torch.float32])
-@pytest.mark.parametrize("shape", [(64, 12), (4, 12)], ids=["n>=d", "n<d"])
-def test_any_lambda_on_rank_deficient_input_is_finite(shape, statistics_dtype):
-    """λ = 1e-12 on patches of rank 1 (every row the same bright vector), both forms."""
-    layer = trainact.TrAct(nn.Linear(12, 4), l=1e-12, statistics_dtype=statistics_dtype)
-    x = 200 + torch.arange(12.0).expand(*shape)
-    layer(x).square().mean().backward()
-    assert layer.weight.grad.isfinite().all()
 
 
 class EmulatedTF32(TorchDispatchMode):

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tract_reference import reference_tract_grad
 
 import trainact
 from trainact.nn.discovery import find_first_layer
+from trainact.testing import reference_tract_grad
 
 # ---- hand-made models: each first meets its input in one particular way ------------------------
 

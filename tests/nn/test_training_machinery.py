@@ -1,4 +1,9 @@
-"""TrAct inside real training machinery: autocast + GradScaler, torch.compile, checkpointing."""
+"""TrAct inside real training machinery: autocast + GradScaler, torch.compile (one graph for
+every batch size), activation checkpointing.
+
+The layer's autograd functions (trainact/nn/layer.py) and the statistics' custom operator
+(trainact/nn/statistics.py) meet PyTorch's machinery here, not in one module of their own.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tract_reference import reference_tract_grad
 
 import trainact
+from trainact.testing import reference_tract_grad, relative_error
 
 
 def small_cnn() -> nn.Sequential:
@@ -120,3 +125,63 @@ def test_compile_with_deferred_accumulation_equals_one_big_batch():
     expected = _grads(reference, x)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+
+
+class GraphCount:
+    """A torch.compile backend that counts the graphs it is given (aot_eager underneath)."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
+MODELS = {
+    "conv stem": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), (3, 8, 8)),
+    "mlp, n < d": (lambda: nn.Sequential(nn.Linear(300, 16), nn.ReLU()), (300,)),
+}
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_compile_one_graph_for_every_batch_size(model, how):
+    """One graph serves 5 batch sizes, fullgraph included, each step exact. (The sizes stay
+    below 16, where a plain CPU convolution's own compiled graph specializes on the batch; the
+    first differs from every other size of the input, which dynamo would otherwise unify.)"""
+    torch._dynamo.reset()
+    make, sample = MODELS[model]
+    torch.manual_seed(0)
+    net = make()
+    eager = copy.deepcopy(net)
+    trainact.apply(net)
+    trainact.apply(eager)
+    backend = GraphCount()
+    compiled = torch.compile(
+        net, fullgraph=True, backend=backend, dynamic=True if how == "dynamic=True" else None
+    )
+    for batch in (5, 7, 9, 11, 13):
+        x = torch.randn(batch, *sample)
+        if how == "mark_dynamic":
+            torch._dynamo.mark_dynamic(x, 0)
+        for m, f in ((net, compiled), (eager, eager)):
+            m.zero_grad(set_to_none=True)
+            f(x).square().mean().backward()
+        torch.testing.assert_close(net[0].weight.grad, eager[0].weight.grad, rtol=1e-5, atol=1e-7)
+    assert backend.graphs == 1
+
+
+def test_compile_inductor_dynamic_is_exact():
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    eager = copy.deepcopy(net)
+    trainact.apply(net)
+    trainact.apply(eager)
+    compiled = torch.compile(net, fullgraph=True, dynamic=True)
+    for batch in (2, 5):
+        x = torch.rand(batch, 3, 8, 8) * 255  # raw pixels: the float64 product inside the op
+        for m, f in ((net, compiled), (eager, eager)):
+            m.zero_grad(set_to_none=True)
+            f(x).square().mean().backward()
+        assert relative_error(net[0].weight.grad, eager[0].weight.grad) < 1e-6

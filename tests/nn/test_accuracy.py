@@ -1,4 +1,5 @@
-"""Accuracy at every input scale on real photos, against the float64 reference (issue 8).
+"""The statistics of one call (trainact/nn/statistics.py): accuracy at every input scale on real
+photos against the float64 reference, and the CPU's float32/float64 choice (issue 8).
 
 The cases and their targets live in benchmarks/accuracy.py, which prints the same table.
 """
