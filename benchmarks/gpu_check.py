@@ -4,8 +4,8 @@
     python benchmarks/gpu_check.py --dry-run                            # every part, tiny
 
 On a machine without CUDA the dry run is automatic (tiny sizes, under a minute on a CPU);
-``tests/benchmarks/test_gpu_check.py`` runs it in CI. ``benchmarks/gpu_run.sh`` prepares the folder that
-travels to a lent GPU machine and holds the exact device command.
+``tests/benchmarks/test_gpu_check.py`` runs it in CI. ``benchmarks/gpu_run.sh`` prepares the
+folder that travels to a lent GPU machine and holds the exact device command.
 
 1. Correctness against a float64 reference (patches extracted explicitly, trainact.testing):
    every layer family and the options that take other CUDA kernels; the accuracy targets of the
@@ -65,11 +65,19 @@ from torch.utils.checkpoint import checkpoint
 
 import trainact
 from trainact.maths import precision
-from trainact.testing import reference_tract_grad
+from trainact.testing import (
+    ACCURACY_CASES,
+    AccuracyCase,
+    case_error,
+    case_target,
+    conv_stem,
+    reference_tract_grad,
+    relative_error,
+    smooth,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import accuracy  # noqa: E402  (benchmarks/accuracy.py: the statistics issue's cases)
 import overhead  # noqa: E402  (benchmarks/overhead.py: the stem worker and the step timer)
 
 LAM = 0.1
@@ -291,15 +299,6 @@ def _describe(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {message}{where}"
 
 
-def rel_err(got: Tensor, expected: Tensor) -> float:
-    """‖got − expected‖_F / ‖expected‖_F in float64 (NaN if ``got`` is not finite)."""
-    got, expected = got.detach().double(), expected.detach().double()
-    norm = expected.norm().item()
-    if norm == 0:
-        raise ValueError("the reference gradient is zero: the comparison would prove nothing")
-    return (got - expected).norm().item() / norm
-
-
 def _fmt(x: float) -> str:
     return f"{x:.1e}" if math.isfinite(x) else str(x)
 
@@ -347,7 +346,7 @@ def layer_error(
     out.backward(upstream)
     tract(x).backward(upstream)
     expected = reference_tract_grad(tract, x, plain.weight.grad, LAM)
-    return rel_err(tract.weight.grad, expected)
+    return relative_error(tract.weight.grad, expected)
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int = 1, pad: int = 0, **kw: Any):
@@ -388,21 +387,21 @@ def layer_family_cases(ctx: Context) -> list[tuple[str, Callable[[], nn.Module],
     ]
 
 
-def accuracy_cases(ctx: Context) -> list[accuracy.Case]:
+def accuracy_cases(ctx: Context) -> list[AccuracyCase]:
     """benchmarks/accuracy.py's cases, and two inputs large enough for many statistics chunks."""
     n32, n128 = ctx.sizes.chunked_photos
     return [
-        *accuracy.CASES,
-        accuracy.Case(
+        *ACCURACY_CASES,
+        AccuracyCase(
             f"[0, 255], 7x7/2 pad 3, {n32} photos (many chunks)",
-            accuracy.conv(7, 2, 3, out=64),
+            conv_stem(7, 2, 3, out=64),
             lambda x: x[:n32],
             2e-3,
         ),
-        accuracy.Case(
+        AccuracyCase(
             f"smooth 128 px [0, 255], 7x7/2 pad 3, {n128} photos (many chunks)",
-            accuracy.conv(7, 2, 3, out=64),
-            lambda x: accuracy.smooth(x[:n128]),
+            conv_stem(7, 2, 3, out=64),
+            lambda x: smooth(x[:n128]),
             1e-2,
         ),
     ]
@@ -458,7 +457,7 @@ def step_error(
     if not all(bool(torch.isfinite(p.grad).all()) for p in plain.parameters()):
         return math.nan  # a step a GradScaler skips: there is no reference
     expected = reference_tract_grad(model[0], x.detach(), plain[0].weight.grad, LAM)
-    return rel_err(model[0].weight.grad, expected)
+    return relative_error(model[0].weight.grad, expected)
 
 
 def scaler_steps(ctx: Context, steps: int = 8, inject: int = 3) -> Outcome:
@@ -600,18 +599,18 @@ def part_correctness(ctx: Context) -> None:
             errs = {}
             for mode in modes:
                 with float32_precision(mode):
-                    errs[mode] = accuracy.case_error(case, photos)
+                    errs[mode] = case_error(case, photos)
             measured = " · ".join(f"{MODE_LABELS[m]} {_fmt(e)}" for m, e in errs.items())
             return Outcome(measured, max(errs.values()) <= case.target)
 
         ctx.check(1, f"accuracy: {case.name}", default, target=f"≤ {case.target:g}")
 
         for dtype in (torch.float32, torch.float64):
-            limit = accuracy.target(case, dtype)
+            limit = case_target(case, dtype)
 
             def path(case=case, dtype=dtype, limit=limit) -> Outcome:
                 with float32_precision("tf32"):
-                    err = accuracy.case_error(case, photos, dtype)
+                    err = case_error(case, photos, dtype)
                 return Outcome(_fmt(err), err <= limit)
 
             label = str(dtype).removeprefix("torch.")
@@ -907,7 +906,7 @@ def zoo_check(ctx: Context, entry: ZooModel) -> Outcome:
     hook.remove()
     tract_layer = model.get_submodule(entry.expected)
     expected = reference_tract_grad(tract_layer, captured["x"], layer.weight.grad, LAM)
-    err = rel_err(tract_layer.weight.grad, expected)
+    err = relative_error(tract_layer.weight.grad, expected)
     measured = f"{route} → {entry.expected}; gradient {_fmt(err)}"
     return Outcome(measured, err <= 1e-4 and not problem, problem)
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +15,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainact
 from trainact.maths import precision
-from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from trainact.testing import (
+    ACCURACY_CASES,
+    case_error,
+    exact_tract_grad,
+    photos,
+    reference_tract_grad,
+    relative_error,
+)
 
 CPU = torch.device("cpu")
 
@@ -190,16 +193,15 @@ class EmulatedTF32(TorchDispatchMode):
 def test_emulated_tf32_would_break_the_split_product(monkeypatch):
     """Why the split product turns TF32 off: with TF32's rounding emulated and the switch
     removed, raw pixels miss the target; with the switch, they meet it."""
-    import accuracy
-
-    images = accuracy.photos(64)
-    case = next(c for c in accuracy.CASES if c.name == "[0, 255], Linear on 8x8 tokens")
+    pytest.importorskip("numpy")
+    images = photos(64)
+    case = next(c for c in ACCURACY_CASES if c.name == "[0, 255], Linear on 8x8 tokens")
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
         with EmulatedTF32():
-            assert accuracy.case_error(case, images, torch.float32) <= case.target
+            assert case_error(case, images, torch.float32) <= case.target
             monkeypatch.setattr(precision, "ieee_float32_matmul", contextlib.nullcontext)
-            assert accuracy.case_error(case, images, torch.float32) > case.target
+            assert case_error(case, images, torch.float32) > case.target
     finally:
         torch.set_float32_matmul_precision(before)

@@ -1,14 +1,10 @@
 """The statistics of one call (trainact/nn/statistics.py): accuracy at every input scale on real
 photos against the float64 reference, and the CPU's float32/float64 choice (issue 8).
 
-The cases and their targets live in benchmarks/accuracy.py, which prints the same table.
+The cases and their targets live in trainact.testing; benchmarks/py prints them as a table.
 """
 
 from __future__ import annotations
-
-import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,56 +12,52 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import trainact
+from trainact.testing import (
+    ACCURACY_CASES,
+    case_error,
+    over_exposed,
+    photos,
+    relative_error,
+    smooth,
+    standardized,
+    tokens,
+    tract_and_reference_grads,
+    tract_error,
+)
+
 pytest.importorskip("numpy")
 pytest.importorskip("PIL")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import accuracy  # noqa: E402
-
-import trainact  # noqa: E402
-from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error  # noqa: E402
-
-
-def tract_error(layer: nn.Module, x: torch.Tensor, lam: float = 0.1) -> float:
-    """Relative error of TrAct's gradient on ``layer`` (a plain copy gives G) against the float64
-    reference; asserts it is finite."""
-    plain = copy.deepcopy(layer)
-    tract = trainact.TrAct(layer, l=lam)
-    out = plain(x)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    tract(x).backward(grad_out)
-    assert tract.weight.grad.isfinite().all()
-    expected = reference_tract_grad(tract, x, plain.weight.grad, lam)
-    return relative_error(tract.weight.grad, expected)
+CASE_IDS = [c.name for c in ACCURACY_CASES]
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> torch.Tensor:
-    return accuracy.photos(256, str(tmp_path_factory.mktemp("cifar-cache")))
+    return photos(256, cache_dir=str(tmp_path_factory.mktemp("cifar-cache")))
 
 
-@pytest.mark.parametrize("case", accuracy.CASES, ids=[c.name for c in accuracy.CASES])
+@pytest.mark.parametrize("case", ACCURACY_CASES, ids=CASE_IDS)
 def test_default_statistics_meet_the_target(images, case):
-    assert accuracy.case_error(case, images) <= case.target
+    assert case_error(case, images) <= case.target
 
 
-@pytest.mark.parametrize("case", accuracy.CASES, ids=[c.name for c in accuracy.CASES])
+@pytest.mark.parametrize("case", ACCURACY_CASES, ids=CASE_IDS)
 def test_float32_path_meets_the_target(images, case):
     """The path of devices without fast float64 (split float32 product), run on the CPU."""
-    assert accuracy.case_error(case, images, torch.float32) <= case.target
+    assert case_error(case, images, torch.float32) <= case.target
 
 
-@pytest.mark.parametrize("case", accuracy.CASES, ids=[c.name for c in accuracy.CASES])
+@pytest.mark.parametrize("case", ACCURACY_CASES, ids=CASE_IDS)
 def test_float64_statistics_are_exact(images, case):
-    assert accuracy.case_error(case, images, torch.float64) <= case.exact_target
+    assert case_error(case, images, torch.float64) <= case.exact_target
 
 
 SCALES = {
-    "standardized": (accuracy.standardized, 3e-5),
+    "standardized": (standardized, 3e-5),
     "unit": (lambda x: x / 255, 3e-5),
     "raw": (lambda x: x, 2e-3),
-    "smooth raw": (lambda x: accuracy.smooth(x, 64), 1e-2),
-    "over-exposed": (lambda x: 200 + accuracy.smooth(x, 64) * (55 / 255), 5e-2),
+    "smooth raw": (lambda x: smooth(x, 64), 1e-2),
+    "over-exposed": (lambda x: over_exposed(x, 64), 5e-2),
 }
 
 
@@ -87,13 +79,13 @@ def test_any_stem_at_any_scale_is_finite_and_accurate(
     x = transform(images[start : start + batch])
     torch.manual_seed(seed)
     layer = nn.Conv2d(3, 8, kernel, stride=stride, padding=min(padding, kernel - 1))
-    assert tract_error(layer, x, lam) <= target
+    assert tract_error(layer, x, lam=lam) <= target
 
 
 def test_over_exposed_smooth_photos_no_longer_give_nan(images):
     """Regression: float32 statistics of pixels in [200, 255] made the 8×8/8 stem's gradient NaN,
     and under a GradScaler every step would then be skipped."""
-    x = 200 + accuracy.smooth(images[:32]) * (55 / 255)
+    x = over_exposed(images[:32])
     layer = trainact.TrAct(nn.Conv2d(3, 16, 8, stride=8))
     layer(x).square().mean().backward()
     assert layer.weight.grad.isfinite().all()
@@ -121,12 +113,12 @@ def test_float32_product_is_chosen_only_where_it_is_accurate(images, monkeypatch
     from trainact.maths import precision
 
     chosen = _record_products(monkeypatch)
-    case = next(c for c in accuracy.CASES if c.name == "[0, 255], 8x8/8")
-    accuracy.case_error(accuracy.CASES[0], images)
-    accuracy.case_error(case, images)
+    case = next(c for c in ACCURACY_CASES if c.name == "[0, 255], 8x8/8")
+    case_error(ACCURACY_CASES[0], images)
+    case_error(case, images)
     assert chosen == [torch.float32, torch.float64]
     monkeypatch.setattr(precision, "FLOAT32_MAX_RATIO", float("inf"))
-    assert accuracy.case_error(case, images) > case.target
+    assert case_error(case, images) > case.target
 
 
 def _strided_skipping(images: torch.Tensor) -> torch.Tensor:
@@ -144,7 +136,7 @@ def _strided_skipping(images: torch.Tensor) -> torch.Tensor:
 def _outlier_rows(images: torch.Tensor) -> torch.Tensor:
     """Standardized token rows with 3 of 8192 rows 200 times brighter (a row sample missed
     them)."""
-    x = accuracy.tokens(accuracy.standardized(images[:128]), 4).reshape(-1, 48)
+    x = tokens(standardized(images[:128]), 4).reshape(-1, 48)
     x[[17, 4099, 8000]] *= 200
     return x
 
@@ -196,33 +188,22 @@ def test_linear_moments_do_not_alias_with_token_positions():
     assert tract_error(nn.Linear(48, 8), x) <= 2e-3
 
 
-def _patches_and_dim(layer: nn.Module, out: torch.Tensor) -> tuple[int, int]:
-    channels = out.shape[-1] if isinstance(layer, nn.Linear) else out.shape[1]
-    return out.numel() // channels, layer.weight[0].numel()
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", accuracy.CASES, ids=[c.name for c in accuracy.CASES])
+@pytest.mark.parametrize("case", ACCURACY_CASES, ids=CASE_IDS)
 def test_half_precision_layers_meet_the_float32_targets(images, case, dtype):
     """float16 and bfloat16 layers on the same photos in that dtype: the gradient is the
     float64 answer for that half-precision input, rounded to the layer's dtype, to within the
     float32 target (the statistics accumulate in float32 or better whatever the dtype)."""
     torch.manual_seed(0)
-    plain = case.layer().to(dtype)
-    tract = trainact.TrAct(copy.deepcopy(plain))
+    layer = case.layer().to(dtype)
     x = case.input(images).to(dtype)
-    out = plain(x)
-    grad_out = (1e-3 * torch.randn(out.shape)).to(dtype)  # keeps float16's G in range
-    out.backward(grad_out)
-    tract(x).backward(grad_out)
-    assert tract.weight.grad.dtype == dtype and tract.weight.grad.isfinite().all()
-    n, d = _patches_and_dim(plain, out)
-    if n < d:
-        expected = exact_tract_grad(plain, x, grad_out, 0.1)
-    else:
-        expected = reference_tract_grad(tract, x, plain.weight.grad, 0.1)
+    with torch.no_grad():
+        shape = layer(x).shape
+    grad_out = (1e-3 * torch.randn(shape)).to(dtype)  # keeps float16's G in range
+    got, expected = tract_and_reference_grads(layer, x, grad_output=grad_out)
+    assert got.dtype == dtype and got.isfinite().all()
     rounding = relative_error(expected.to(dtype), expected)
-    assert relative_error(tract.weight.grad, expected) - rounding <= case.target
+    assert relative_error(got, expected) - rounding <= case.target
 
 
 def test_float16_linear_on_raw_pixels_is_finite():

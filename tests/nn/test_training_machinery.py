@@ -15,20 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import trainact
+from trainact import testing
 from trainact.testing import reference_tract_grad, relative_error
 
 
 def small_cnn() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    )
+    return testing.small_cnn(width=8, classes=5)
 
 
 def _grads(model: nn.Module, x: torch.Tensor, forward=None) -> dict[str, torch.Tensor]:
