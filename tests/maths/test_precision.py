@@ -18,6 +18,7 @@ from trainact.maths import precision
 from trainact.testing import (
     ACCURACY_CASES,
     case_error,
+    case_target,
     exact_tract_grad,
     photos,
     reference_tract_grad,
@@ -90,6 +91,7 @@ CASES = {
 
 @pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.cpu_only("fake tensors of an unknown device type stand for MPS, on any machine")
 def test_no_float64_is_ever_created_on_a_device_without_it(case, defer):
     """The MPS path, on fake tensors of the "meta" device (an unknown device type: the safe
     default, MPS's policy): every operation that returns a tensor on the device returns no
@@ -111,13 +113,13 @@ def test_no_float64_is_ever_created_on_a_device_without_it(case, defer):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_host_solve_path_is_accurate(case):
-    """The same path on real CPU tensors (forced by use_precision): the split product summed
-    in int64, assembled and solved in float64 on the host."""
+def test_host_solve_path_is_accurate(device, case):
+    """The same path on real tensors (forced by use_precision): the split product summed in
+    int64 on the device, assembled and solved in float64 on the host."""
     make, shape = CASES[case]
     torch.manual_seed(0)
-    layer = make()
-    plain, x = copy.deepcopy(layer), torch.rand(shape) * 255
+    layer = make().to(device)
+    plain, x = copy.deepcopy(layer), (torch.rand(shape) * 255).to(device)
     out = plain(x)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
@@ -129,38 +131,85 @@ def test_host_solve_path_is_accurate(case):
     else:
         expected = reference_tract_grad(layer, x, plain.weight.grad, 0.1)
         assert relative_error(layer.weight.grad, expected) < 2e-3
-        assert ("aten.sum.dim_IntList", torch.int64, "cpu") in log.ops  # the exact part
+        assert ("aten.sum.dim_IntList", torch.int64, device.type) in log.ops  # the exact part
 
 
 class MatmulPrecision(TorchDispatchMode):
-    """The matmul precision settings in force at each bmm (the statistics' products)."""
+    """The matmul precision settings in force at each bmm of float32 operands (the statistics'
+    float32 products), and how many bmm ran at all."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[tuple[str, str]] = []
+        self.products = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.bmm.default:
-            settings = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
-            self.seen.append(tuple(s.fp32_precision for s in settings))
+            self.products += 1
+            if args[0].dtype == torch.float32:
+                settings = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+                self.seen.append(tuple(s.fp32_precision for s in settings))
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("setting", ["high", "medium"])
 @pytest.mark.parametrize("statistics_dtype", [None, torch.float32])
-def test_tf32_and_bf16_matmuls_never_reach_the_statistics(setting, statistics_dtype):
+def test_tf32_and_bf16_matmuls_never_reach_the_statistics(device, setting, statistics_dtype):
     """With TF32 (or oneDNN's bf16) allowed globally, every float32 product of the statistics
-    runs in full float32, and the user's setting is back afterwards."""
+    runs in full float32 (a device whose policy is the float64 product runs none), and the
+    user's setting is back afterwards."""
+    policy = precision.precision_for(device, statistics_dtype, torch.float32)
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(setting)
     try:
-        layer = trainact.TrAct(nn.Conv2d(3, 8, 3), statistics_dtype=statistics_dtype)
+        conv = nn.Conv2d(3, 8, 3).to(device)
+        layer = trainact.TrAct(conv, statistics_dtype=statistics_dtype)
         with MatmulPrecision() as mode:
-            layer(torch.randn(8, 3, 10, 10)).sum().backward()
-        assert mode.seen and set(mode.seen) == {("ieee", "ieee")}
+            layer(torch.randn(8, 3, 10, 10, device=device)).sum().backward()
+        assert mode.products
+        if policy.product == precision.FLOAT64:
+            assert not mode.seen
+        else:
+            assert mode.seen and set(mode.seen) == {("ieee", "ieee")}
         assert torch.get_float32_matmul_precision() == setting
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@contextlib.contextmanager
+def tf32_allowed():
+    """TF32 for float32 matmuls and cuDNN convolutions, as users turn it on."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+@pytest.mark.parametrize("statistics_dtype", [None, torch.float32, torch.float64])
+def test_tf32_allowed_globally_keeps_every_accuracy_target(device, statistics_dtype):
+    """With TF32 allowed globally, as users train on GPUs: on CUDA the test first shows that it
+    is in force (a plain float32 matmul loses precision), then every accuracy case meets its
+    target on each path. The CPU, which has no TF32, checks one case (the token rows that
+    emulated TF32 breaks)."""
+    pytest.importorskip("numpy")
+    images = photos(256, device=device)
+    cases = ACCURACY_CASES
+    if device.type != "cuda":
+        cases = [c for c in ACCURACY_CASES if c.name == "[0, 255], Linear on 8x8 tokens"]
+    elif torch.cuda.get_device_capability(device) < (8, 0):
+        pytest.skip("TF32 needs compute capability 8.0 or later")
+    with tf32_allowed():
+        if device.type == "cuda":
+            a = torch.randn(512, 512, device=device)
+            lost = relative_error(a @ a, a.double() @ a.double())
+            assert lost > 1e-5, f"TF32 is not in force (error {lost:.1e}): this proves nothing"
+        for case in cases:
+            limit = case_target(case, statistics_dtype)
+            assert case_error(case, images, statistics_dtype) <= limit, case.name
 
 
 def test_policy_is_logged_once_with_lambda(caplog):
@@ -190,6 +239,7 @@ class EmulatedTF32(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.cpu_only("emulates TF32 on the CPU; on CUDA the real one is tested above")
 def test_emulated_tf32_would_break_the_split_product(monkeypatch):
     """Why the split product turns TF32 off: with TF32's rounding emulated and the switch
     removed, raw pixels miss the target; with the switch, they meet it."""

@@ -22,13 +22,14 @@ F64 = torch.float64
     lam=st.floats(1e-3, 10.0),
     offset=st.sampled_from([0.0, 50.0]),
 )
-def test_row_form_equals_the_gram_form(seed, groups, out, n, extra, lam, offset):
+def test_row_form_equals_the_gram_form(device64, seed, groups, out, n, extra, lam, offset):
     """Dᵀ·(XXᵀ/n + λI)⁻¹·X = Dᵀ·X·(XᵀX/n + λI)⁻¹ (push-through)."""
     gen = torch.Generator().manual_seed(seed)
     d = n + extra
-    x = offset + torch.randn(groups, n, d, generator=gen, dtype=F64)
-    grad_out = torch.randn(groups, n, out, generator=gen, dtype=F64)
+    x = (offset + torch.randn(groups, n, d, generator=gen, dtype=F64)).to(device64)
+    grad_out = torch.randn(groups, n, out, generator=gen, dtype=F64).to(device64)
     inverse = row_inverse(x, lam, host=False)
-    gram = precondition(grad_out.mT @ x, x.mT @ x, torch.tensor(float(n), dtype=F64), lam)
+    count = torch.tensor(float(n), dtype=F64, device=device64)
+    gram = precondition(grad_out.mT @ x, x.mT @ x, count, lam)
     rows = transform_output_grad(grad_out, inverse, F64).mT @ x
     torch.testing.assert_close(rows, gram, rtol=1e-7, atol=1e-9 * gram.abs().max().item())

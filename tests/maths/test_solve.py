@@ -34,11 +34,13 @@ def _problem(seed: int, groups: int, out: int, n: int, d: int):
     d=st.integers(1, 12),
     lam=st.floats(1e-3, 10.0),
 )
-def test_solve_agrees_with_explicit_inverse(seed, groups, out, n, d, lam):
+def test_solve_agrees_with_explicit_inverse(device64, seed, groups, out, n, d, lam):
     g, x = _problem(seed, groups, out, n, d)
     expected = g @ torch.linalg.inv(x.mT @ x / n + lam * torch.eye(d, dtype=F64))
-    solved = precondition(g, x.mT @ x, torch.tensor(float(n), dtype=F64), lam)
-    torch.testing.assert_close(solved, expected, rtol=1e-8, atol=1e-10)
+    g, x = g.to(device64), x.to(device64)
+    solved = precondition(g, x.mT @ x, torch.tensor(float(n), dtype=F64, device=device64), lam)
+    assert solved.device == g.device
+    torch.testing.assert_close(solved.cpu(), expected, rtol=1e-8, atol=1e-10)
 
 
 def test_lemma_1_update_minimizes_the_activation_objective():
@@ -73,17 +75,19 @@ def test_large_lambda_recovers_the_plain_gradient():
         torch.testing.assert_close(scaled, g, rtol=100 / lam, atol=100 / lam)
 
 
-def test_empty_batch_gives_zero_not_nan():
-    g = torch.zeros(1, 3, 5)
-    out = precondition(g, torch.zeros(1, 5, 5), torch.tensor(0.0), 0.1)
+def test_empty_batch_gives_zero_not_nan(device):
+    g = torch.zeros(1, 3, 5, device=device)
+    out = precondition(
+        g, torch.zeros(1, 5, 5, device=device), torch.tensor(0.0, device=device), 0.1
+    )
     assert torch.equal(out, torch.zeros_like(g))
 
 
-def test_non_finite_input_stays_non_finite_and_never_raises():
+def test_non_finite_input_stays_non_finite_and_never_raises(device):
     g, x = _problem(2, 1, 3, 10, 4)
-    g = g.float()
-    gram = (x.mT @ x).float()
-    count = torch.tensor(10.0)
+    g = g.float().to(device)
+    gram = (x.mT @ x).float().to(device)
+    count = torch.tensor(10.0, device=device)
     bad_grad = g.clone()
     bad_grad[0, 0, 0] = float("inf")
     assert not precondition(bad_grad, gram, count, 0.1).isfinite().all()
@@ -92,32 +96,35 @@ def test_non_finite_input_stays_non_finite_and_never_raises():
     assert not precondition(g, bad_gram, count, 0.1).isfinite().all()
 
 
-def test_result_keeps_the_gradient_dtype():
+def test_result_keeps_the_gradient_dtype(device):
     g, x = _problem(3, 1, 2, 8, 3)
+    gram, count = (x.mT @ x).float().to(device), torch.tensor(8.0, device=device)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        out = precondition(g.to(dtype), (x.mT @ x).float(), torch.tensor(8.0), 0.1)
+        out = precondition(g.to(device, dtype), gram, count, 0.1)
         assert out.dtype == dtype
 
 
 @pytest.mark.parametrize("lam", [1e-12, 1e-9, 1e-6])
-def test_tiny_lambda_on_rank_deficient_statistics_is_finite(lam):
+def test_tiny_lambda_on_rank_deficient_statistics_is_finite(device64, lam):
     """Rounding of S can make S/n + λI indefinite for λ far below it: the solve still gives a
     finite result (it used to give NaN), and an accurate one where λ is not that small."""
     gen = torch.Generator().manual_seed(0)
     x = 200 + torch.randn(1, 40, 3, generator=gen) @ torch.randn(3, 30, generator=gen)
     x = x.double()
     g = torch.randn(1, 4, 30, generator=gen, dtype=F64) @ (x[0].T @ x[0])  # in the row space
-    gram = x.mT @ x
-    out = precondition(g, gram, torch.tensor(40.0, dtype=F64), lam)
+    g, gram = g.to(device64), (x.mT @ x).to(device64)
+    out = precondition(g, gram, torch.tensor(40.0, dtype=F64, device=device64), lam)
     assert out.isfinite().all()
-    factor, info = torch.linalg.cholesky_ex(gram / 40 + lam * torch.eye(30, dtype=F64))
+    eye = torch.eye(30, dtype=F64, device=device64)
+    factor, info = torch.linalg.cholesky_ex(gram / 40 + lam * eye)
     if info.item() == 0:  # where plain Cholesky works, the result is the plain one
         expected = torch.cholesky_solve(g.mT, factor).mT
         torch.testing.assert_close(out, expected)
 
 
-def test_cholesky_finite_matches_cholesky_where_it_succeeds():
+def test_cholesky_finite_matches_cholesky_where_it_succeeds(device64):
     a = torch.tensor([[[4.0, 1.0], [1.0, 3.0]], [[1.0, 2.0], [2.0, 4.0 - 1e-14]]], dtype=F64)
+    a = a.to(device64)
     factor = cholesky_finite(a)
     torch.testing.assert_close(factor[0], torch.linalg.cholesky(a[0]))
     # indefinite by rounding: factored with a raised diagonal (a true factor of nearly ``a``)
@@ -129,9 +136,10 @@ def test_cholesky_finite_matches_cholesky_where_it_succeeds():
 
 @pytest.mark.parametrize("statistics_dtype", [None, torch.float32])
 @pytest.mark.parametrize("shape", [(64, 12), (4, 12)], ids=["n>=d", "n<d"])
-def test_any_lambda_on_rank_deficient_input_is_finite(shape, statistics_dtype):
+def test_any_lambda_on_rank_deficient_input_is_finite(device, shape, statistics_dtype):
     """λ = 1e-12 on patches of rank 1 (every row the same bright vector), both forms."""
-    layer = trainact.TrAct(nn.Linear(12, 4), l=1e-12, statistics_dtype=statistics_dtype)
-    x = 200 + torch.arange(12.0).expand(*shape)
+    linear = nn.Linear(12, 4).to(device)
+    layer = trainact.TrAct(linear, l=1e-12, statistics_dtype=statistics_dtype)
+    x = 200 + torch.arange(12.0, device=device).expand(*shape)
     layer(x).square().mean().backward()
     assert layer.weight.grad.isfinite().all()

@@ -23,35 +23,36 @@ F64 = torch.float64
     shifted=st.booleans(),
 )
 def test_statistics_of_centered_chunks_are_the_raw_second_moments(
-    seed, groups, d, sizes, offset, shifted
+    device64, seed, groups, d, sizes, offset, shifted
 ):
     """Chunks arrive minus a shift (any shift); S = Σ xxᵀ and n come out exactly, merged."""
     gen = torch.Generator().manual_seed(seed)
     chunks = [offset + torch.randn(groups, d, c, generator=gen, dtype=F64) for c in sizes]
-    stats = PatchStatistics.zeros(groups, d, torch.device("cpu"))
+    stats = PatchStatistics.zeros(groups, d, device64)
     for i, chunk in enumerate(chunks):
         shift = chunk.mean(-1) if shifted and chunk.shape[-1] else torch.full((groups, d), 3.0 * i)
-        part = PatchStatistics.zeros(groups, d, torch.device("cpu"))
-        part.add_chunk(chunk - shift.unsqueeze(-1), shift.to(F64))
+        part = PatchStatistics.zeros(groups, d, device64)
+        part.add_chunk((chunk - shift.unsqueeze(-1)).to(device64), shift.to(device64, F64))
         stats.merge_(part)
     x = torch.cat(chunks, dim=-1)
-    torch.testing.assert_close(stats.gram, x @ x.mT, rtol=1e-10, atol=1e-9 * (1 + offset**2))
+    expected = x @ x.mT
+    torch.testing.assert_close(stats.gram.cpu(), expected, rtol=1e-10, atol=1e-9 * (1 + offset**2))
     assert stats.count.item() == sum(sizes)
 
 
-def test_float32_chunks_of_raw_pixels_stay_accurate_when_centered():
+def test_float32_chunks_of_raw_pixels_stay_accurate_when_centered(device64):
     """Pixels around 230 (over-exposed): float32 raw sums lose the covariance, centered ones keep
     it. This is the reason for the centering: the raw product must fail here."""
     gen = torch.Generator().manual_seed(0)
-    x = 230 + 10 * torch.rand(1, 12, 20000, generator=gen, dtype=F64)
+    x = (230 + 10 * torch.rand(1, 12, 20000, generator=gen, dtype=F64)).to(device64)
     exact = x @ x.mT
-    centered = PatchStatistics.zeros(1, 12, torch.device("cpu"))
+    centered = PatchStatistics.zeros(1, 12, device64)
     shift = x.mean(-1).float()
     centered.add_chunk((x.float() - shift.unsqueeze(-1)), shift)
-    raw = PatchStatistics.zeros(1, 12, torch.device("cpu"))
-    raw.add_chunk(x.float(), torch.zeros(1, 12))
-    g = torch.randn(1, 4, 12, generator=gen, dtype=F64)
-    n = torch.tensor(20000.0, dtype=F64)
+    raw = PatchStatistics.zeros(1, 12, device64)
+    raw.add_chunk(x.float(), torch.zeros(1, 12, device=device64))
+    g = torch.randn(1, 4, 12, generator=gen, dtype=F64).to(device64)
+    n = torch.tensor(20000.0, dtype=F64, device=device64)
     expected = precondition(g, exact, n, 0.1)
 
     def error(stats):
@@ -70,7 +71,7 @@ def test_float32_chunks_of_raw_pixels_stay_accurate_when_centered():
     offset=st.sampled_from([0.0, 1.0, 230.0]),
     scale=st.sampled_from([1e-3, 1.0, 255.0]),
 )
-def test_split_product_is_accurate_without_float64(seed, groups, d, cols, offset, scale):
+def test_split_product_is_accurate_without_float64(device64, seed, groups, d, cols, offset, scale):
     """Σ yyᵀ from float32 alone (exact 7-bit part + float32 rest) to float64 accuracy of the
     inputs, over several chunks, for features of very different scales."""
     gen = torch.Generator().manual_seed(seed)
@@ -79,18 +80,18 @@ def test_split_product_is_accurate_without_float64(seed, groups, d, cols, offset
         (offset + feature_scale * torch.randn(groups, d, c, generator=gen)).float() for c in cols
     ]
     shift = torch.full((groups, d), offset)
-    centered = [c - shift.unsqueeze(-1) for c in chunks]
+    centered = [(c - shift.unsqueeze(-1)).to(device64) for c in chunks]
     largest = torch.cat(centered, -1).abs().amax(-1)
     sums = SplitSums(split_quantum(largest), torch.int64)
     for chunk in centered:
         sums.add(chunk)
-    stats = PatchStatistics.zeros(groups, d, torch.device("cpu"))
-    sums.add_to(stats, shift)
+    stats = PatchStatistics.zeros(groups, d, device64)
+    sums.add_to(stats, shift.to(device64))
     x = torch.cat(chunks, -1).double()
     exact = x @ x.mT
     # 2**-7 of float32 summation rounding (≈ 1e-6 relative) on the rest, the exact part exact
     tol = 2e-8 * exact.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None]
-    assert ((stats.gram - exact).abs() <= tol).all()
+    assert ((stats.gram.cpu() - exact).abs() <= tol).all()
     assert stats.count.item() == sum(cols)
 
 

@@ -32,8 +32,9 @@ CASE_IDS = [c.name for c in ACCURACY_CASES]
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> torch.Tensor:
-    return photos(256, cache_dir=str(tmp_path_factory.mktemp("cifar-cache")))
+def images(tmp_path_factory, device) -> torch.Tensor:
+    """256 photos of the embedded subset, raw pixels, on the device under test."""
+    return photos(256, device=device, cache_dir=str(tmp_path_factory.mktemp("cifar-cache")))
 
 
 @pytest.mark.parametrize("case", ACCURACY_CASES, ids=CASE_IDS)
@@ -43,7 +44,7 @@ def test_default_statistics_meet_the_target(images, case):
 
 @pytest.mark.parametrize("case", ACCURACY_CASES, ids=CASE_IDS)
 def test_float32_path_meets_the_target(images, case):
-    """The path of devices without fast float64 (split float32 product), run on the CPU."""
+    """The path of devices without fast float64 (split float32 product), on any device."""
     assert case_error(case, images, torch.float32) <= case.target
 
 
@@ -79,14 +80,14 @@ def test_any_stem_at_any_scale_is_finite_and_accurate(
     x = transform(images[start : start + batch])
     torch.manual_seed(seed)
     layer = nn.Conv2d(3, 8, kernel, stride=stride, padding=min(padding, kernel - 1))
-    assert tract_error(layer, x, lam=lam) <= target
+    assert tract_error(layer.to(x.device), x, lam=lam) <= target
 
 
 def test_over_exposed_smooth_photos_no_longer_give_nan(images):
     """Regression: float32 statistics of pixels in [200, 255] made the 8×8/8 stem's gradient NaN,
     and under a GradScaler every step would then be skipped."""
     x = over_exposed(images[:32])
-    layer = trainact.TrAct(nn.Conv2d(3, 16, 8, stride=8))
+    layer = trainact.TrAct(nn.Conv2d(3, 16, 8, stride=8).to(x.device))
     layer(x).square().mean().backward()
     assert layer.weight.grad.isfinite().all()
 
@@ -107,6 +108,7 @@ def _record_products(monkeypatch) -> list[torch.dtype]:
     return chosen
 
 
+@pytest.mark.cpu_only("the CPU's data-dependent choice of the float32 product")
 def test_float32_product_is_chosen_only_where_it_is_accurate(images, monkeypatch):
     """Standardized input: the fast float32 product; raw pixels: float64. Forcing float32 on
     raw pixels breaks the target, so the choice is what keeps the default accurate."""
@@ -149,6 +151,7 @@ def _outlier_rows(images: torch.Tensor) -> torch.Tensor:
     ],
     ids=["strided-conv-skips-pixels", "linear-outlier-rows"],
 )
+@pytest.mark.cpu_only("the CPU's data-dependent choice of the float32 product")
 def test_float32_choice_cannot_be_fooled(images, monkeypatch, make_layer, make_input):
     """Inputs whose cheap estimate says float32 where the float32 product misses the target:
     the product's own diagonal sends them to float64. Forcing float32 shows they need it."""
@@ -173,19 +176,19 @@ def test_float32_choice_cannot_be_fooled(images, monkeypatch, make_layer, make_i
     ],
     ids=["hPa-conv1d-same", "near-white", "large-mean-small-variance"],
 )
-def test_zero_padding_of_large_mean_inputs_is_accurate(layer, x):
+def test_zero_padding_of_large_mean_inputs_is_accurate(device, layer, x):
     """Zero padding puts centered entries at −mean: a large mean with a small variance must not
     pick the float32 product (it gave 0.22 and NaN)."""
     torch.manual_seed(0)
-    assert tract_error(layer, x) <= 1e-5
+    assert tract_error(layer.to(device), x.to(device)) <= 1e-5
 
 
-def test_linear_moments_do_not_alias_with_token_positions():
+def test_linear_moments_do_not_alias_with_token_positions(device):
     """Every second token zero, the others bright: evenly spaced sampling saw only zeros."""
     torch.manual_seed(0)
     x = torch.zeros(2048, 4, 48)
     x[:, 1::2] = 200 + 50 * torch.rand(2048, 2, 1) + torch.rand(2048, 2, 48)  # smooth rows
-    assert tract_error(nn.Linear(48, 8), x) <= 2e-3
+    assert tract_error(nn.Linear(48, 8).to(device), x.to(device)) <= 2e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -195,22 +198,22 @@ def test_half_precision_layers_meet_the_float32_targets(images, case, dtype):
     float64 answer for that half-precision input, rounded to the layer's dtype, to within the
     float32 target (the statistics accumulate in float32 or better whatever the dtype)."""
     torch.manual_seed(0)
-    layer = case.layer().to(dtype)
+    layer = case.layer().to(images.device, dtype)
     x = case.input(images).to(dtype)
     with torch.no_grad():
         shape = layer(x).shape
-    grad_out = (1e-3 * torch.randn(shape)).to(dtype)  # keeps float16's G in range
+    grad_out = (1e-3 * torch.randn(shape)).to(images.device, dtype)  # float16's G in range
     got, expected = tract_and_reference_grads(layer, x, grad_output=grad_out)
     assert got.dtype == dtype and got.isfinite().all()
     rounding = relative_error(expected.to(dtype), expected)
     assert relative_error(got, expected) - rounding <= case.target
 
 
-def test_float16_linear_on_raw_pixels_is_finite():
+def test_float16_linear_on_raw_pixels_is_finite(device):
     """Regression: the row sums of a float16 input overflowed past 65504 (NaN gradient, and a
     GradScaler would then skip every step)."""
     torch.manual_seed(0)
-    layer = trainact.TrAct(nn.Linear(48, 16).half())
-    x = (torch.rand(600, 48) * 255).half()
+    layer = trainact.TrAct(nn.Linear(48, 16).to(device, torch.float16))
+    x = (torch.rand(600, 48) * 255).to(device, torch.float16)
     layer(x).float().mean().backward()
     assert layer.weight.grad.isfinite().all()

@@ -21,7 +21,7 @@ from trainact.nn import adapters
         (nn.Linear(7, 3), (6, 5, 7), torch.bfloat16),  # converted to float32 chunk by chunk
     ],
 )
-def test_bounded_chunks_are_exact(monkeypatch, layer, shape, dtype):
+def test_bounded_chunks_are_exact(device64, monkeypatch, layer, shape, dtype):
     """A tiny chunk budget forces batch chunks and splits within one sample; still exact."""
     seen: list[int] = []
     original = PatchStatistics.add_chunk
@@ -32,9 +32,10 @@ def test_bounded_chunks_are_exact(monkeypatch, layer, shape, dtype):
 
     monkeypatch.setattr(PatchStatistics, "add_chunk", recording)
     monkeypatch.setattr(adapters, "CHUNK_BYTES", 4 * 4 * 40)  # about 40 rows of d=4
+    monkeypatch.setattr(adapters, "ACCELERATOR_CHUNK_BYTES", 4 * 4 * 40)
     torch.manual_seed(0)
     dtype = dtype or torch.float64
-    layer, x = layer.to(dtype), torch.randn(shape, dtype=dtype)
+    layer, x = layer.to(device64, dtype), torch.randn(shape, dtype=dtype).to(device64)
     tol = 1e-7 if dtype == torch.float64 else 2e-2
     _check(layer, x, 0.1, tol, tol)
     assert len(seen) > 2, "the budget must have split the patches"
@@ -46,7 +47,7 @@ def test_bounded_chunks_are_exact(monkeypatch, layer, shape, dtype):
     assert max(seen) <= max(4 * 4 * 40, slice_bytes), seen
 
 
-def test_non_overlapping_patches_need_no_padding_copy(monkeypatch):
+def test_non_overlapping_patches_need_no_padding_copy(device64, monkeypatch):
     """ViT patch embedding (stride == kernel, no padding): no F.pad, exact."""
     calls = []
     monkeypatch.setattr(
@@ -59,5 +60,6 @@ def test_non_overlapping_patches_need_no_padding_copy(monkeypatch):
         0.1,
         1e-7,
         1e-9,
+        device64,
     )
     assert not calls

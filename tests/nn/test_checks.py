@@ -15,17 +15,20 @@ from torch.nn.utils import parametrizations, parametrize, prune
 import trainact
 
 
-def _model() -> nn.Sequential:
+def _model(device: torch.device | None = None) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2)).double()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2))
+    return model.to(device, torch.float64)
 
 
-def _batches(k: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    k: int = 2, device: torch.device | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     return [
         (
-            3 + 2 * torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64),
-            torch.randn(4, 2, generator=gen),
+            (3 + 2 * torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64)).to(device),
+            torch.randn(4, 2, generator=gen).to(device),
         )
         for _ in range(k)
     ]

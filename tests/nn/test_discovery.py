@@ -384,13 +384,13 @@ def test_a_padding_mask_is_no_input_to_the_attention():
     assert find_first_layer(model, {**inputs, "attention_mask": mask}) == expected
 
 
-@pytest.mark.parametrize("name", ["vit", "wav2vec2"])
-def test_hugging_face_training_step_gets_the_tract_gradient(name):
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_hugging_face_training_step_gets_the_tract_gradient(device64, name):
     """After ``apply(model, example_inputs=...)`` the chosen layer's weight gradient in a
     training step is G·(XᵀX/n + λI)⁻¹ of the input it saw, as the float64 reference says."""
     model, inputs, _ = _hf_model(name)
-    model.double().train()
-    inputs = {k: v.double() for k, v in inputs.items()}
+    model.to(device64, torch.float64).train()
+    inputs = {k: v.to(device64, torch.float64) for k, v in inputs.items()}
     layer_name = trainact.apply(model, lam=0.1, example_inputs=inputs)
     plain = trainact.remove(copy.deepcopy(model))
     assert model_step_error(model, layer_name, kwargs=inputs, plain=plain) < 1e-9

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainact
-from trainact.testing import reference_tract_grad
+from trainact.testing import float64_device, reference_tract_grad
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -63,7 +63,19 @@ def conv_configs(draw):
     return layer, (batch, in_ch, *size)
 
 
-def _check(layer: nn.Module, x: torch.Tensor, lam: float, rtol: float, atol: float) -> None:
+def _check(
+    layer: nn.Module,
+    x: torch.Tensor,
+    lam: float,
+    rtol: float,
+    atol: float,
+    device: torch.device | None = None,
+) -> None:
+    """Forward, input and bias gradients bit-identical to the plain layer's; the weight gradient
+    G·(XᵀX/n + λI)⁻¹ to ``rtol``/``atol``; layer and input moved to ``device`` first (made on
+    the CPU, so every device sees the same numbers)."""
+    if device is not None:
+        layer, x = layer.to(device), x.to(device)
     plain, tract = plain_and_tract(layer, lam)
     out_plain, out_tract = plain(x), tract(x)
     assert torch.equal(out_plain, out_tract), "forward must be bit-identical"
@@ -81,18 +93,18 @@ def _check(layer: nn.Module, x: torch.Tensor, lam: float, rtol: float, atol: flo
 
 @settings(max_examples=60, deadline=None)
 @given(config=conv_configs(), seed=st.integers(0, 2**31), lam=st.sampled_from([0.01, 0.1, 1.0]))
-def test_conv_matches_float64_reference(config, seed, lam):
+def test_conv_matches_float64_reference(device64, config, seed, lam):
     layer, shape = config
     torch.manual_seed(seed)
-    _check(layer.double(), torch.randn(shape, dtype=torch.float64), lam, 1e-7, 1e-9)
+    _check(layer.double(), torch.randn(shape, dtype=torch.float64), lam, 1e-7, 1e-9, device64)
 
 
 @settings(max_examples=25, deadline=None)
 @given(config=conv_configs(), seed=st.integers(0, 2**31))
-def test_conv_float32_matches_float64_reference(config, seed):
+def test_conv_float32_matches_float64_reference(device, config, seed):
     layer, shape = config
     torch.manual_seed(seed)
-    _check(layer, torch.randn(shape), 0.1, 2e-3, 2e-4)
+    _check(layer, torch.randn(shape), 0.1, 2e-3, 2e-4, device)
 
 
 @settings(max_examples=30, deadline=None)
@@ -103,21 +115,23 @@ def test_conv_float32_matches_float64_reference(config, seed):
     bias=st.booleans(),
     seed=st.integers(0, 2**31),
 )
-def test_linear_any_leading_dims_matches_float64_reference(lead, in_f, out_f, bias, seed):
+def test_linear_any_leading_dims_matches_float64_reference(device64, lead, in_f, out_f, bias, seed):
     torch.manual_seed(seed)
     layer = nn.Linear(in_f, out_f, bias=bias).double()
-    _check(layer, torch.randn(*lead, in_f, dtype=torch.float64), 0.1, 1e-7, 1e-9)
+    _check(layer, torch.randn(*lead, in_f, dtype=torch.float64), 0.1, 1e-7, 1e-9, device64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_parameter_dtypes(dtype, kind):
+def test_parameter_dtypes(device, dtype, kind):
+    if dtype == torch.float64 and float64_device(device) != device:
+        pytest.skip(f"{device.type} has no float64")
     torch.manual_seed(0)
     if kind == "linear":
         layer, x = nn.Linear(6, 4), torch.randn(40, 6)
     else:
         layer, x = nn.Conv2d(3, 4, 3, padding=1), torch.randn(4, 3, 8, 8)
-    layer, x = layer.to(dtype), x.to(dtype)
+    layer, x = layer.to(device, dtype), x.to(device, dtype)
     plain, tract = plain_and_tract(layer)
     assert torch.equal(plain(x), tract(x))
     plain(x).square().sum().backward()
@@ -130,52 +144,48 @@ def test_parameter_dtypes(dtype, kind):
     )
 
 
-def test_channels_last_input_and_weights():
+def test_channels_last_input_and_weights(device):
     torch.manual_seed(0)
-    layer = nn.Conv2d(3, 5, 3, stride=2, padding=1)
-    x = torch.randn(4, 3, 11, 9).to(memory_format=torch.channels_last)
-    _check(layer.to(memory_format=torch.channels_last), x, 0.1, 2e-3, 2e-4)
-    layer3 = nn.Conv3d(2, 3, 2)
-    x3 = torch.randn(2, 2, 4, 5, 4).to(memory_format=torch.channels_last_3d)
+    layer = nn.Conv2d(3, 5, 3, stride=2, padding=1).to(device, memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 11, 9).to(device, memory_format=torch.channels_last)
+    _check(layer, x, 0.1, 2e-3, 2e-4)
+    layer3 = nn.Conv3d(2, 3, 2).to(device)
+    x3 = torch.randn(2, 2, 4, 5, 4).to(device, memory_format=torch.channels_last_3d)
     _check(layer3, x3, 0.1, 2e-3, 2e-4)
 
 
-def test_unbatched_conv_input():
+def test_unbatched_conv_input(device64):
     torch.manual_seed(0)
-    _check(
-        nn.Conv2d(2, 3, 3, padding=1).double(),
-        torch.randn(2, 6, 5, dtype=torch.float64),
-        0.1,
-        1e-7,
-        1e-9,
-    )
-    _check(nn.Conv1d(2, 3, 2).double(), torch.randn(2, 7, dtype=torch.float64), 0.1, 1e-7, 1e-9)
+    conv2d, x2 = nn.Conv2d(2, 3, 3, padding=1).double(), torch.randn(2, 6, 5, dtype=torch.float64)
+    _check(conv2d, x2, 0.1, 1e-7, 1e-9, device64)
+    conv1d, x1 = nn.Conv1d(2, 3, 2).double(), torch.randn(2, 7, dtype=torch.float64)
+    _check(conv1d, x1, 0.1, 1e-7, 1e-9, device64)
 
 
-def test_empty_batch_gives_zero_gradient():
-    layer = nn.Conv2d(3, 4, 3)
+def test_empty_batch_gives_zero_gradient(device):
+    layer = nn.Conv2d(3, 4, 3).to(device)
     trainact.TrAct(layer)
-    layer(torch.randn(0, 3, 8, 8)).sum().backward()
+    layer(torch.randn(0, 3, 8, 8, device=device)).sum().backward()
     assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
 
 
-def test_non_finite_gradient_stays_non_finite():
-    layer = trainact.TrAct(nn.Conv2d(3, 4, 3))
-    x = torch.randn(2, 3, 6, 6)
+def test_non_finite_gradient_stays_non_finite(device):
+    layer = trainact.TrAct(nn.Conv2d(3, 4, 3).to(device))
+    x = torch.randn(2, 3, 6, 6, device=device)
     x[0, 0, 0, 0] = float("inf")
     layer(x).sum().backward()  # never raises
     assert not layer.weight.grad.isfinite().all()
     layer.weight.grad = None
-    out = layer(torch.randn(2, 3, 6, 6))
+    out = layer(torch.randn(2, 3, 6, 6, device=device))
     (out.sum() * float("inf")).backward()
     assert not layer.weight.grad.isfinite().all()
 
 
-def test_several_calls_each_use_their_own_input():
+def test_several_calls_each_use_their_own_input(device64):
     torch.manual_seed(0)
-    layer = nn.Conv2d(2, 3, 3).double()
+    layer = nn.Conv2d(2, 3, 3).to(device64, torch.float64)
     plain, tract = plain_and_tract(layer)
-    xs = [torch.randn(2, 2, 6, 6, dtype=torch.float64) * s for s in (1.0, 5.0)]
+    xs = [torch.randn(2, 2, 6, 6, dtype=torch.float64).to(device64) * s for s in (1.0, 5.0)]
     sum(tract(x).square().sum() for x in xs).backward()
     expected = 0
     for x in xs:

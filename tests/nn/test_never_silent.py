@@ -21,15 +21,16 @@ from trainact.testing import reference_tract_grad, relative_error
 F64 = torch.float64
 
 
-def _model() -> nn.Sequential:
+def _model(device: torch.device | None = None) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2)).double()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2))
+    return model.to(device, F64)
 
 
-def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(seed: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = 3 + 2 * torch.randn(4, 3, 6, 6, generator=gen, dtype=F64)
-    return x, torch.randn(4, 2, generator=gen, dtype=F64)
+    return x.to(device), torch.randn(4, 2, generator=gen, dtype=F64).to(device)
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -55,22 +56,22 @@ def _discard(model: nn.Module, opt: torch.optim.Optimizer, how: str) -> None:
     "how",
     ["optimizer.zero_grad()", "zero_grad(set_to_none=False)", "model.zero_grad()", ".grad = None"],
 )
-def test_a_discarded_backward_leaves_no_statistics_behind(how):
+def test_a_discarded_backward_leaves_no_statistics_behind(device64, how):
     """An adversarial or probing backward, then its gradient cleared, then the real one: the
     step equals the real backward alone (the discarded statistics went with their gradient)."""
-    kept = _model()
+    kept = _model(device64)
     trainact.apply(kept, defer=True)
-    _loss(kept, *_batch(2)).backward()
+    _loss(kept, *_batch(2, device64)).backward()
     trainact.precondition_(kept)
     expected = kept[0].weight.grad.clone()
 
-    model = _model()
+    model = _model(device64)
     trainact.apply(model, defer=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = _batch(1)
+    x, y = _batch(1, device64)
     _loss(model, 5 * x, y).backward()
     _discard(model, opt, how)
-    _loss(model, *_batch(2)).backward()
+    _loss(model, *_batch(2, device64)).backward()
     assert trainact.precondition_(model) == 1
     torch.testing.assert_close(model[0].weight.grad, expected, rtol=1e-12, atol=1e-14)
 
@@ -86,19 +87,19 @@ def test_statistics_of_a_gradient_cleared_after_its_backward_are_dropped():
     opt.step()
 
 
-def test_accumulated_micro_batches_are_all_kept():
+def test_accumulated_micro_batches_are_all_kept(device64):
     """Not a clearing: gradients accumulated over micro-batches keep every micro-batch's
     statistics (one batch of the concatenation)."""
-    big = _model()
+    big = _model(device64)
     trainact.apply(big)
-    x = torch.cat([_batch(1)[0], _batch(2)[0]])
-    y = torch.cat([_batch(1)[1], _batch(2)[1]])
+    x = torch.cat([_batch(1, device64)[0], _batch(2, device64)[0]])
+    y = torch.cat([_batch(1, device64)[1], _batch(2, device64)[1]])
     _loss(big, x, y).backward()
 
-    model = _model()
+    model = _model(device64)
     trainact.apply(model, defer=True)
     for seed in (1, 2):
-        (_loss(model, *_batch(seed)) / 2).backward()
+        (_loss(model, *_batch(seed, device64)) / 2).backward()
     trainact.precondition_(model)
     torch.testing.assert_close(model[0].weight.grad, big[0].weight.grad, rtol=1e-10, atol=1e-13)
 
@@ -114,13 +115,14 @@ def test_autograd_grad_under_defer_raises_naming_it():
     assert trainact.precondition_(model) == 1
 
 
-def test_autograd_grad_without_defer_is_preconditioned():
-    model = _model()
+def test_autograd_grad_without_defer_is_preconditioned(device64):
+    model = _model(device64)
     trainact.apply(model)
-    (grad,) = torch.autograd.grad(_loss(model, *_batch(1)), [model[0].weight])
-    plain = trainact.remove(_model())
-    _loss(plain, *_batch(1)).backward()
-    expected = reference_tract_grad(model[0], _batch(1)[0], plain[0].weight.grad, 0.1)
+    x, y = _batch(1, device64)
+    (grad,) = torch.autograd.grad(_loss(model, x, y), [model[0].weight])
+    plain = trainact.remove(_model(device64))
+    _loss(plain, x, y).backward()
+    expected = reference_tract_grad(model[0], x, plain[0].weight.grad, 0.1)
     torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -131,15 +133,15 @@ def _two_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return _loss(model, x, y) + _loss(model, 2 * x + 1, y)
 
 
-def test_two_views_without_defer_use_each_call_s_own_statistics():
+def test_two_views_without_defer_use_each_call_s_own_statistics(device64):
     """The rule (the paper's Lemma, per forward): Σ Gᵢ·Aᵢ⁻¹."""
-    model = _model()
+    model = _model(device64)
     trainact.apply(model)
-    x, y = _batch(1)
+    x, y = _batch(1, device64)
     _two_views(model, x, y).backward()
     expected = 0
     for view in (x, 2 * x + 1):
-        plain = trainact.remove(_model())
+        plain = trainact.remove(_model(device64))
         _loss(plain, view, y).backward()
         expected = expected + reference_tract_grad(model[0], view, plain[0].weight.grad, 0.1)
     torch.testing.assert_close(model[0].weight.grad, expected, rtol=1e-9, atol=1e-12)
@@ -168,13 +170,13 @@ class _Tied(nn.Module):
         return nn.functional.linear(torch.tanh(self.encoder(x)), self.decoder.weight.T)
 
 
-def test_tied_weights_without_defer_precondition_the_layer_s_own_share():
-    model = _Tied()
+def test_tied_weights_without_defer_precondition_the_layer_s_own_share(device64):
+    model = _Tied().to(device64)
     trainact.apply(model, layer="encoder")
-    x = torch.randn(20, 12, dtype=F64)
+    x = torch.randn(20, 12, dtype=F64).to(device64)
     (model(x) - x).square().mean().backward()
     # the plain gradient, split into the encoder's own share and the decoder's
-    plain = trainact.remove(_Tied())
+    plain = trainact.remove(_Tied().to(device64))
     w = plain.encoder.weight
     h = plain.encoder(x)
     decoded = nn.functional.linear(torch.tanh(h), w.detach().T)
@@ -272,10 +274,10 @@ def test_torch_func_transforms_raise_naming_tract(transform):
         transform(f, params, torch.randn(4, 5))
 
 
-def test_functional_call_outside_transforms_is_preconditioned():
-    layer = trainact.TrAct(nn.Linear(5, 3).double())
+def test_functional_call_outside_transforms_is_preconditioned(device64):
+    layer = trainact.TrAct(nn.Linear(5, 3).to(device64, F64))
     params = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
-    x = torch.randn(8, 5, dtype=F64)
+    x = torch.randn(8, 5, dtype=F64).to(device64)
     torch.func.functional_call(layer, params, (x,)).square().sum().backward()
     plain = trainact.remove(copy.deepcopy(layer))
     plain.load_state_dict({k: v.detach() for k, v in params.items()})
@@ -316,10 +318,10 @@ def test_a_kernel_larger_than_the_input_gets_the_layer_s_own_error():
         layer(torch.randn(2, 3, 3, 3))
 
 
-def test_a_jagged_nested_tensor_into_a_linear_layer_is_exact():
+def test_a_jagged_nested_tensor_into_a_linear_layer_is_exact(device64):
     torch.manual_seed(0)
-    layer = trainact.TrAct(nn.Linear(6, 3).double())
-    rows = [torch.randn(n, 6, dtype=F64) for n in (3, 5, 2)]
+    layer = trainact.TrAct(nn.Linear(6, 3).to(device64, F64))
+    rows = [torch.randn(n, 6, dtype=F64).to(device64) for n in (3, 5, 2)]
     nested = torch.nested.nested_tensor(rows, layout=torch.jagged)
     layer(nested).values().square().sum().backward()
     plain = trainact.remove(copy.deepcopy(layer))

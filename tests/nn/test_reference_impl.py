@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import trainact
+from trainact.testing import tract_error
 
 torch_tract = pytest.importorskip("torch_tract")
 
@@ -54,10 +55,15 @@ def test_conv2d(kwargs, shape):
     _compare(nn.Conv2d(3, 6, **kwargs).double(), torch.randn(shape, dtype=torch.float64), 0.1)
 
 
-def test_reference_silently_drops_dilation_and_we_do_not():
-    """Why this project exists: the reference ignores dilation; our gradient follows the layer."""
+def test_dilation_is_kept_where_the_reference_drops_it():
+    """Why this project exists: the reference ignores dilation (its output has another shape
+    than the layer's); trainact's output is the layer's, and its gradient is G·(XᵀX/n + λI)⁻¹
+    of the dilated patches."""
     torch.manual_seed(0)
     layer = nn.Conv2d(3, 4, 3, dilation=2).double()
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     theirs = torch_tract.TrAct(copy.deepcopy(layer))
     assert theirs(x).shape != layer(x).shape
+    ours = trainact.TrAct(copy.deepcopy(layer))
+    torch.testing.assert_close(ours(x), layer(x), rtol=0, atol=0)
+    assert tract_error(copy.deepcopy(layer), x) < 1e-9  # (tract_error enables TrAct itself)

@@ -37,13 +37,13 @@ def _big_batch_step(opt_fn) -> torch.Tensor:
     ],
     ids=["adam-fused", "adamw-fused", "sgd-fused", "sgd-foreach", "adam"],
 )
-def test_step_without_precondition_raises_before_changing_weights(opt_fn):
+def test_step_without_precondition_raises_before_changing_weights(device64, opt_fn):
     """The guard sits at optimizer.step, so fused kernels (which do not bump the weight's
     version counter) are caught too."""
-    model = _model()
+    model = _model(device64)
     trainact.apply(model, defer=True)
     opt = opt_fn(model.parameters())
-    for x, y in _batches():
+    for x, y in _batches(device=device64):
         _loss(model, x, y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="precondition_"):
