@@ -13,8 +13,9 @@ devices without fast float64) and ``torch.float64``, next to its target. ``--tf3
 TF32 allowed (``torch.set_float32_matmul_precision("high")`` and cuDNN TF32 on), as many users
 train on GPUs; otherwise float32 matmuls and convolutions are strict. cuDNN runs deterministic,
 so that the plain copy's G and the TrAct layer's are the same. ``--many-chunks N`` adds two
-cases on N and N/4 photos whose statistics take many chunks. ``--json`` also writes the table
-as JSON. Needs the experiments extra (numpy) to load the photos.
+cases on N and N/4 photos whose statistics take many chunks; ``--cases`` keeps the cases whose
+name matches a regular expression. ``--json`` also writes the table as JSON. Needs the
+experiments extra (numpy) to load the photos.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,10 +69,13 @@ def main() -> None:
     parser.add_argument(
         "--many-chunks", type=int, metavar="N", help="add two cases on N and N/4 photos"
     )
+    parser.add_argument(
+        "--cases", metavar="REGEX", help="only the cases whose name matches (not --many-chunks')"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
-    cases = list(ACCURACY_CASES)
+    cases = [case for case in ACCURACY_CASES if re.search(args.cases or "", case.name)]
     count = 256
     if args.many_chunks:
         cases += many_chunk_cases(args.many_chunks, max(args.many_chunks // 4, 1))

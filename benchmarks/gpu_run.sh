@@ -5,14 +5,17 @@
 #        bash benchmarks/gpu_run.sh prepare [path/to/cifar10-jpeg.tar.gz]
 #    copies the CIFAR-10 archive (19.8 MB) and downloads the torch_tract 1.0.0 wheel (reference
 #    implementation, for the stem comparison) into .gpu/, which .gitignore keeps out of git.
+#    The machine's image brings pytest, hypothesis, numpy, pillow, matplotlib, timm,
+#    torchvision and transformers; trainact itself is imported from src/ (PYTHONPATH).
 # 2. The device tool's run, from the same checkout:
 #        command: bash benchmarks/gpu_run.sh
 #        carry:   [".gpu"]
 #        timeout_s: 600   (the check budgets itself to 480 s, --budget)
-#    What comes back under $OUT: gpu_report.md, gpu_report.json, gpu_check.log,
-#    compare_results.jsonl, compare_accuracy.png. Arguments go to gpu_check.py: a rerun within
-#    the device time left can take a subset, e.g. `bash benchmarks/gpu_run.sh --parts 1 3`
-#    (parts 1-3 take about 4 minutes; part 4 alone about 3.5).
+#    What comes back under $OUT: gpu_report.md, gpu_report.json, gpu_tests_junit.xml,
+#    gpu_check.log, compare_results.jsonl, compare_accuracy.png. Arguments go to
+#    gpu_check.py: a rerun within the device time left can take a subset of the parts
+#    (tests overhead accuracy compare, or 1-4), e.g. `bash benchmarks/gpu_run.sh --parts tests`;
+#    their shares of the budget are 270, 50, 30 s and the rest (about 130 s) for compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py                 # the three benchmarks on the CPU
     python benchmarks/overhead.py --device cuda   # on a GPU
-    python benchmarks/overhead.py --only stem --statistics-dtype float32   # another path
+    python benchmarks/overhead.py --only stem --statistics-dtype float32 float64   # both paths
 
 1. ImageNet stem (Conv2d 3→64, 7×7, stride 2, padding 3, 224², batch 32), forward + backward of
    the layer alone: TrAct's extra time and extra peak memory over the plain layer, as a fraction
@@ -10,10 +10,15 @@
 2. A whole training step (forward, backward, SGD step) of a small CIFAR ResNet at batch 128:
    time with TrAct on its stem over time without (target: ≤ 1.03). The two models' steps
    alternate within each process, and the median ratio over ``--rounds`` processes is reported.
+   ``--amp bf16`` and ``--channels-last`` time it as GPUs usually train.
 3. An MLP on flattened images whose first layer is wider than its batch (n < d: the n×n form):
    ``Linear(3072)`` (CIFAR) and ``Linear(784)`` (MNIST) first layers, hidden width 512, batch
    128: step time with TrAct over without (target: ≤ 1.3) and the first layer's gradient
    against the float64 answer (target: ≤ 1e-5).
+
+``--statistics-dtype`` takes one or more of ``default`` (the device's precision policy),
+``float32`` (the split float32 path of devices without fast float64) and ``float64``: each
+benchmark runs TrAct once per value, so the paths' costs stand side by side.
 
 Each stem measurement runs in its own process, so that peak memory (CUDA's peak allocation, or
 the process's peak resident set on the CPU) belongs to one method; the methods are interleaved
@@ -21,20 +26,26 @@ over several rounds and the median is reported, which keeps a busy machine from 
 On the CPU, memory is measured in separate processes with glibc's mmap threshold fixed
 (MALLOC_MMAP_THRESHOLD_), so that freed blocks go back to the system and the peak resident set
 is the peak of live memory rather than of glibc's cached heap; times come from the default
-allocator.
+allocator. ``--in-process`` runs every measurement in this process instead (no process starts:
+what a time-limited GPU run wants); CUDA's peak allocation is then still per measurement, the
+CPU's peak resident set is not and is left out. ``--json`` also writes every figure to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,29 +53,30 @@ from torch import nn
 import trainact
 
 STEM_METHODS = ("plain", "trainact", "torch_tract")
+DTYPES = {"default": None, "float32": torch.float32, "float64": torch.float64}
+TARGETS = {"stem_time": 0.5, "stem_memory": 0.25, "step": 1.03, "mlp": 1.3, "mlp_error": 1e-5}
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def _peak_mib(device: str) -> float:
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
-def _options(statistics_dtype: str) -> dict:
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    return {"statistics_dtype": dtypes[statistics_dtype]} if statistics_dtype in dtypes else {}
+def _options(statistics_dtype: str) -> dict[str, Any]:
+    return {"statistics_dtype": DTYPES[statistics_dtype]}
 
 
 def stem_worker(
     method: str, batch: int, repeats: int, device: str, statistics_dtype: str = "default"
 ) -> dict[str, float]:
     """Time (best of ``repeats``) and peak memory of one method's stem forward + backward."""
-    if device == "cuda":  # the peak of this call alone, also when run in-process
+    if device.startswith("cuda"):  # the peak of this call alone, also when run in-process
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -90,23 +102,41 @@ def stem_worker(
 
 
 def step_worker(
-    batch: int, repeats: int, device: str, model_name: str, statistics_dtype: str = "default"
+    batch: int,
+    repeats: int,
+    device: str,
+    model_name: str,
+    statistics_dtype: str = "default",
+    amp: str = "none",
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Median step time of a CIFAR ResNet (or an MLP: ``mlp-3072``, ``mlp-784``) with and
     without TrAct, the two models' steps alternating in one process so that a machine's drift
     hits both alike."""
     x, model_fn = _model_and_batch(model_name, batch, device)
+    memory_format = torch.channels_last if channels_last and x.dim() == 4 else None
+    if memory_format is not None:
+        x = x.to(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = (
+        (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16))
+        if amp == "bf16"
+        else contextlib.nullcontext
+    )
     steps = {}
     for method in ("plain", "trainact"):
         torch.manual_seed(0)
         model = model_fn().to(device)
+        if memory_format is not None:
+            model = model.to(memory_format=memory_format)
         if method == "trainact":
             trainact.apply(model, **_options(statistics_dtype))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
-            nn.functional.cross_entropy(model(x), y).backward()
+            with autocast():
+                out = model(x)
+            nn.functional.cross_entropy(out.float(), y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -145,7 +175,7 @@ def mlp_error(d: int, batch: int, device: str, statistics_dtype: str = "default"
 
     torch.manual_seed(0)
     x = torch.randn(batch, d, device=device)
-    dtype = _options(statistics_dtype).get("statistics_dtype")
+    dtype = DTYPES[statistics_dtype]
     return tract_error(nn.Linear(d, 512).to(device), x, statistics_dtype=dtype)
 
 
@@ -167,98 +197,205 @@ def alternate_steps(
     return times
 
 
-def _run_worker(args: argparse.Namespace, bench: str, method: str = "", model: str = "") -> dict:
-    cmd = [sys.executable, __file__, "--worker", bench, "--method", method]
-    cmd += ["--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats)]
-    cmd += ["--step-batch", str(args.step_batch), "--model", model or args.model]
-    cmd += ["--statistics-dtype", args.statistics_dtype]
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    return ["--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats)]
 
-    def run(env: dict[str, str]) -> dict:
+
+def _run_stem(args: argparse.Namespace, method: str, dtype: str) -> dict[str, float | None]:
+    if args.in_process:
+        result: dict[str, float | None] = dict(
+            stem_worker(method, args.batch, args.repeats, args.device, dtype)
+        )
+        if not args.device.startswith("cuda"):
+            result["peak_mib"] = None  # this process's peak, not the method's
+        return result
+    cmd = [sys.executable, __file__, "--worker", "stem", "--method", method, *_worker_args(args)]
+    cmd += ["--statistics-dtype", dtype]
+
+    def run(env: dict[str, str]) -> dict[str, float]:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    result = run(dict(os.environ))
-    if args.device == "cpu" and bench == "stem":
+    result = dict(run(dict(os.environ)))
+    if args.device == "cpu":
         result["peak_mib"] = run({**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})["peak_mib"]
     return result
+
+
+def _run_step(args: argparse.Namespace, model: str, dtype: str) -> dict[str, float]:
+    if args.in_process:
+        return step_worker(
+            args.step_batch, args.repeats, args.device, model, dtype, args.amp, args.channels_last
+        )
+    cmd = [sys.executable, __file__, "--worker", "step", *_worker_args(args)]
+    cmd += ["--step-batch", str(args.step_batch), "--model", model, "--statistics-dtype", dtype]
+    cmd += ["--amp", args.amp] + (["--channels-last"] if args.channels_last else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def bench_stem(args: argparse.Namespace) -> dict[str, Any]:
+    """Rows per method (trainact once per statistics dtype), medians over the rounds."""
+    try:
+        import torch_tract  # noqa: F401
+
+        methods = [("plain", "default"), ("torch_tract", "default")]
+    except ImportError:
+        methods = [("plain", "default")]
+    methods += [("trainact", dtype) for dtype in args.statistics_dtype]
+    runs: dict[tuple[str, str], list[dict[str, float | None]]] = {m: [] for m in methods}
+    for _ in range(args.rounds):
+        for method, dtype in methods:
+            runs[(method, dtype)].append(_run_stem(args, method, dtype))
+    rows = []
+    for method, dtype in methods:
+        ms = statistics.median(r["ms"] for r in runs[(method, dtype)])
+        peaks = [r["peak_mib"] for r in runs[(method, dtype)]]
+        mib = statistics.median(peaks) if None not in peaks else None
+        rows.append({"method": method, "statistics_dtype": dtype, "ms": ms, "peak_mib": mib})
+    plain = rows[0]
+    reference = next((r for r in rows if r["method"] == "torch_tract"), None)
+    for row in rows:
+        row["extra_ms"] = row["ms"] - plain["ms"]
+        row["extra_mib"] = None if row["peak_mib"] is None else row["peak_mib"] - plain["peak_mib"]
+        if row["method"] == "trainact" and reference is not None:
+            row["time_ratio"] = _ratio(row["extra_ms"], reference["extra_ms"])
+            row["memory_ratio"] = _ratio(row["extra_mib"], reference["extra_mib"])
+    print(f"\nImageNet stem, batch {args.batch}, forward+backward of the layer")
+    print(f"{'method':<24}{'ms':>10}{'extra ms':>10}{'peak MiB':>10}{'extra MiB':>11}")
+    for r in rows:
+        label = r["method"] + (f" ({r['statistics_dtype']})" if r["method"] == "trainact" else "")
+        print(
+            f"{label:<24}{r['ms']:>10.2f}{r['extra_ms']:>10.2f}{_fmt(r['peak_mib']):>10}"
+            f"{_fmt(r['extra_mib']):>11}"
+        )
+    for r in rows:
+        if "time_ratio" in r:
+            print(
+                f"trainact ({r['statistics_dtype']}) / torch_tract: extra time "
+                f"{_fmt(r['time_ratio'], '.3f')} (target <= {TARGETS['stem_time']}), extra peak "
+                f"{_fmt(r['memory_ratio'], '.3f')} (target <= {TARGETS['stem_memory']})"
+            )
+    return {"batch": args.batch, "rows": rows}
+
+
+def bench_step(args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    setting = f"batch {args.step_batch}, amp {args.amp}" + (
+        ", channels_last" if args.channels_last else ""
+    )
+    print(f"\n{args.model} training step, {setting}")
+    for dtype in args.statistics_dtype:
+        ratios, runs = [], []
+        for _ in range(args.rounds):
+            ms = _run_step(args, args.model, dtype)
+            runs.append(ms)
+            ratios.append(ms["trainact"] / ms["plain"])
+            print(f"  ({dtype}) plain {ms['plain']:.2f} ms, trainact {ms['trainact']:.2f} ms")
+        ratio = statistics.median(ratios)
+        print(
+            f"{args.model} ({dtype}): time with TrAct / without = {ratio:.3f} "
+            f"(median of {args.rounds} rounds; target <= {TARGETS['step']})"
+        )
+        rows.append({"statistics_dtype": dtype, "ratio": ratio, "runs": runs})
+    return {"model": args.model, "batch": args.step_batch, "amp": args.amp,
+            "channels_last": args.channels_last, "rows": rows}  # fmt: skip
+
+
+def bench_mlp(args: argparse.Namespace) -> dict[str, Any]:
+    print(f"\nMLP (hidden 512) training step, batch {args.step_batch}: n < d, the n×n form")
+    rows = []
+    for d in (3072, 784):
+        for dtype in args.statistics_dtype:
+            ratios, runs = [], []
+            for _ in range(args.rounds):
+                ms = _run_step(args, f"mlp-{d}", dtype)
+                runs.append(ms)
+                ratios.append(ms["trainact"] / ms["plain"])
+            error = mlp_error(d, args.step_batch, args.device, dtype)
+            ratio = statistics.median(ratios)
+            print(
+                f"Linear({d}) first layer ({dtype}): time with TrAct / without = {ratio:.3f} "
+                f"(median of {args.rounds}; target <= {TARGETS['mlp']}); error against float64 "
+                f"{error:.1e} (target <= {TARGETS['mlp_error']})"
+            )
+            rows.append({"d": d, "statistics_dtype": dtype, "ratio": ratio, "error": error,
+                         "runs": runs})  # fmt: skip
+    return {"batch": args.step_batch, "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=32, help="stem batch size")
-    parser.add_argument("--step-batch", type=int, default=128, help="ResNet step batch size")
+    parser.add_argument("--step-batch", type=int, default=128, help="ResNet and MLP batch size")
     parser.add_argument("--model", default="resnet18", help="the CIFAR ResNet of benchmark 2")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per process")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved processes per method")
-    parser.add_argument("--only", choices=["stem", "step", "mlp"], help="run one benchmark")
+    parser.add_argument("--only", choices=["stem", "step", "mlp"], nargs="+", help="benchmarks")
     parser.add_argument(
         "--statistics-dtype",
-        choices=["default", "float32", "float64"],
-        default="default",
-        help="TrAct's statistics_dtype (default: the device's precision policy)",
+        choices=list(DTYPES),
+        nargs="+",
+        default=["default"],
+        help="TrAct's statistics_dtype, one or more (default: the device's precision policy)",
     )
+    parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="step autocast")
+    parser.add_argument("--channels-last", action="store_true", help="step in channels_last")
+    parser.add_argument("--in-process", action="store_true", help="no worker processes")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--worker", choices=["stem", "step"], help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    dtype = args.statistics_dtype
     if args.worker == "stem":
+        dtype = args.statistics_dtype[0]
         print(json.dumps(stem_worker(args.method, args.batch, args.repeats, args.device, dtype)))
         return
     if args.worker == "step":
-        step = step_worker(args.step_batch, args.repeats, args.device, args.model, dtype)
+        step = step_worker(
+            args.step_batch,
+            args.repeats,
+            args.device,
+            args.model,
+            args.statistics_dtype[0],
+            args.amp,
+            args.channels_last,
+        )
         print(json.dumps(step))
         return
 
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"statistics_dtype {dtype}"
+        f"statistics_dtype {' '.join(args.statistics_dtype)}, "
+        f"{'in-process' if args.in_process else 'worker processes'}"
     )
-    if args.only in (None, "stem"):
-        runs = {m: [] for m in STEM_METHODS}
-        for _ in range(args.rounds):
-            for m in STEM_METHODS:
-                runs[m].append(_run_worker(args, "stem", m))
-        ms = {m: statistics.median(r["ms"] for r in runs[m]) for m in STEM_METHODS}
-        mib = {m: statistics.median(r["peak_mib"] for r in runs[m]) for m in STEM_METHODS}
-        extra_ms = {m: ms[m] - ms["plain"] for m in STEM_METHODS}
-        extra_mib = {m: mib[m] - mib["plain"] for m in STEM_METHODS}
-        print(f"\nImageNet stem, batch {args.batch}, forward+backward of the layer")
-        print(f"{'method':<12}{'ms':>10}{'extra ms':>10}{'peak MiB':>10}{'extra MiB':>11}")
-        for m in STEM_METHODS:
-            print(f"{m:<12}{ms[m]:>10.1f}{extra_ms[m]:>10.1f}{mib[m]:>10.1f}{extra_mib[m]:>11.1f}")
-        time_ratio = extra_ms["trainact"] / extra_ms["torch_tract"]
-        print(f"extra time  trainact/torch_tract = {time_ratio:.3f} (target <= 0.5)")
-        print(
-            f"extra peak  trainact/torch_tract = "
-            f"{extra_mib['trainact'] / extra_mib['torch_tract']:.3f} (target <= 0.25)"
-        )
-    if args.only in (None, "step"):
-        ratios = []
-        for _ in range(args.rounds):
-            ms = _run_worker(args, "step")
-            plain, tract = ms["plain"], ms["trainact"]
-            ratios.append(tract / plain)
-            print(f"  {args.model} step: plain {plain:.1f} ms, trainact {tract:.1f} ms")
-        print(
-            f"\n{args.model} training step, batch {args.step_batch}: time with TrAct / without = "
-            f"{statistics.median(ratios):.3f} (median of {args.rounds} processes; target <= 1.03)"
-        )
-    if args.only in (None, "mlp"):
-        print(f"\nMLP (hidden 512) training step, batch {args.step_batch}: n < d, the n×n form")
-        for d in (3072, 784):
-            ratios = []
-            for _ in range(args.rounds):
-                ms = _run_worker(args, "step", model=f"mlp-{d}")
-                ratios.append(ms["trainact"] / ms["plain"])
-                plain, tract = ms["plain"], ms["trainact"]
-                print(f"  Linear({d}) first: plain {plain:.2f} ms, trainact {tract:.2f} ms")
-            error = mlp_error(d, args.step_batch, args.device, dtype)
-            print(
-                f"Linear({d}) first layer: time with TrAct / without = "
-                f"{statistics.median(ratios):.3f} (median of {args.rounds}; target <= 1.3); "
-                f"error against float64 {error:.1e} (target <= 1e-5)"
-            )
+    benchmarks = {"stem": bench_stem, "step": bench_step, "mlp": bench_mlp}
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    for name in args.only or list(benchmarks):
+        results[name] = benchmarks[name](args)
+    if args.json:
+        meta = {
+            "benchmark": "overhead",
+            "device": args.device,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "rounds": args.rounds,
+            "repeats": args.repeats,
+            "in_process": args.in_process,
+            "targets": TARGETS,
+            "seconds": time.perf_counter() - start,
+        }
+        args.json.write_text(json.dumps({**meta, **results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The GPU check's dry run (benchmarks/gpu_check.py): every part runs and passes, at tiny sizes.
 
-The dry run is the same code as the GPU run at tiny sizes on the CPU, so a part that breaks here
-would break the one prepared GPU run. Allowed besides a pass: skips of what needs CUDA, of a
-package that is absent (timm and torchvision do not import with the CPU torch), and of the
-compiled cost of the big models, which the dry run leaves out.
+The dry run is the GPU run's code at tiny sizes on the CPU (``--device cpu``): the same driver
+runs pytest with ``--device`` and reads its JUnit report, runs benchmarks/overhead.py and
+benchmarks/accuracy.py and reads their JSON, runs ``trainact train`` and ``trainact compare``,
+and writes the report; a part that breaks here would break the one prepared GPU run.
 """
 
 from __future__ import annotations
@@ -23,12 +23,7 @@ pytest.importorskip("PIL")
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = {
-    1: "Correctness against a float64 reference",
-    2: "Real model zoos",
-    3: "Cost next to a real training step",
-    4: "A first GPU point on the paper's model",
-}
+TITLES = ("1. Device tests", "2. Cost", "3. Accuracy", "4. A first GPU point")
 
 
 @pytest.fixture(scope="module")
@@ -42,51 +37,53 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, dict, s
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run"]
     cmd += ["--device", "cpu", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    data = json.loads(out.with_suffix(".json").read_text())
-    return run.returncode, out.read_text(), data, run.stdout + run.stderr
+    log = run.stdout + run.stderr
+    assert out.exists(), log[-3000:]
+    return run.returncode, out.read_text(), json.loads(out.with_suffix(".json").read_text()), log
 
 
 def test_every_part_runs_and_passes(dry_run: tuple[int, str, dict, str]) -> None:
-    returncode, markdown, data, log = dry_run
-    checks = data["checks"]
+    returncode, _, data, log = dry_run
     assert data["dry_run"] is True
-    for part, title in PARTS.items():
-        assert f"## {part}. {title}" in markdown
-        ran = [c for c in checks if c["part"] == part and c["status"] != "skip"]
-        assert ran, f"part {part} ran no check:\n{log[-3000:]}"
-    unexpected = [
-        f"[{c['part']}] {c['name']}: {c['status']} {c['skip_kind']} {c['measured']} {c['note']}"
-        for c in checks
-        if not (
-            c["status"] == "pass"
-            or (c["status"] == "skip" and c["skip_kind"] in ("cuda", "package", "dry-run"))
-        )
-    ]
-    assert not unexpected, "\n".join(unexpected)
-    failed = [c for c in checks if c["status"] == "fail"]
-    assert returncode == (1 if failed else 0), log[-3000:]
+    statuses = {p["name"]: (p["status"], p["problems"]) for p in data["parts"]}
+    assert statuses == {n: ("pass", []) for n in ("tests", "overhead", "accuracy", "compare")}
+    assert returncode == 0, log[-3000:]
 
 
-def test_report_has_the_environment_and_each_check(dry_run: tuple[int, str, dict, str]) -> None:
+def test_each_part_reports_what_it_measured(dry_run: tuple[int, str, dict, str]) -> None:
+    _, _, data, _ = dry_run
+    parts = {p["name"]: p for p in data["parts"]}
+    tests = parts["tests"]["data"]
+    assert tests["counts"]["passed"] >= 5 and not tests["stopped"]
+    skipped = {c["message"] for c in tests["cases"] if c["status"] == "skipped"}
+    assert any("CUDA only" in reason for reason in skipped)  # a device test's own reason
+    figures = {f["figure"]: f for f in parts["overhead"]["data"]["figures"]}
+    for dtype in ("default", "float32", "float64"):
+        assert f"stem extra time / torch_tract's ({dtype})" in figures
+    errors = [f for name, f in figures.items() if name.startswith("first-layer error")]
+    assert errors and all(f["result"] == "met" for f in errors)
+    accuracy = parts["accuracy"]["data"]["runs"]
+    assert [r["tf32"] for r in accuracy] == [False, True] and all(r["over"] == 0 for r in accuracy)
+    assert any("many chunks" in row["case"] for row in accuracy[0]["rows"])
+    records = parts["compare"]["data"]["records"]
+    assert {r["method"] for r in records} == {"baseline", "tract"}
+
+
+def test_report_has_the_environment_commands_and_figures(
+    dry_run: tuple[int, str, dict, str],
+) -> None:
     _, markdown, data, _ = dry_run
-    for key in ("device", "torch", "CUDA", "trainact"):
+    for key in ("device", "precision policy", "torch", "CUDA", "trainact", "date", "result"):
         assert f"- **{key}**:" in markdown
-    for check in data["checks"]:
-        assert f"| {check['name']} |" in markdown
-    names = " ".join(c["name"] for c in data["checks"])
-    for expected in (
-        "Conv3d",
-        "channels_last",
-        "GradScaler",
-        "reduce-overhead",
-        "checkpoint",
-        "host synchronization",
-        "over-exposed",
-        "statistics_dtype=float64",
-        "HF WhisperForAudioClassification",
-        "timm vit_base_patch16_224",
-        "ViT-B/16",
-        "torch_tract",
-        "trainact compare",
+    for title in TITLES:
+        assert f"## {title}" in markdown
+    for command in (
+        "python -m pytest --device cpu",
+        "python benchmarks/overhead.py --device cpu",
+        "python benchmarks/accuracy.py --device cpu --tf32",
+        "python -m trainact compare --preset resnet18-cifar10-sgd",
     ):
-        assert expected in names
+        assert command in markdown
+    assert "| trainact | float64 |" in markdown  # the stem table, both paths side by side
+    assert "| [0, 255], 3x3/1 pad 1 |" in markdown  # the accuracy table
+    assert data["environment"]["precision policy"].startswith("cpu:")

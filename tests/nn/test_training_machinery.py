@@ -112,44 +112,6 @@ def test_fp16_grad_scaler_skips_exactly_the_steps_the_plain_model_skips(device):
     assert all(p.isfinite().all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(device, backend):
-    torch._dynamo.reset()
-    model, x = small_cnn(device), torch.randn(4, 3, 10, 10).to(device)
-    eager = copy.deepcopy(model)
-    trainact.apply(model)
-    trainact.apply(eager)
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
-    got, expected = _grads(model, x, compiled), _grads(eager, x)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
-    plain = trainact.remove(copy.deepcopy(eager))
-    assert not torch.allclose(got["0.weight"], _grads(plain, x)["0.weight"])
-
-
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_compiled_sgd_steps_are_exact(device, mode):
-    """Three SGD steps through ``torch.compile(fullgraph=True)``, each TrAct gradient against
-    the plain eager copy's G preconditioned in float64 (with mode="reduce-overhead": CUDA graph
-    replays)."""
-    if mode == "reduce-overhead" and device.type != "cuda":
-        pytest.skip("mode='reduce-overhead' records CUDA graphs: CUDA only")
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = testing.small_cnn().to(device)
-    trainact.apply(model)
-    options = {"mode": mode} if mode else {}
-    compiled = torch.compile(model, fullgraph=True, backend=_backend(device), **options)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step in range(3):
-        if mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        x, y = _batch(device, 200 + step)
-        assert step_error(model, x, y * 2, forward=compiled) <= 1e-4, step
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
 def test_no_host_synchronization_is_added_to_a_training_step(device):
     """torch.cuda.set_sync_debug_mode counts the calls that wait for the GPU: one bf16 autocast
     step with TrAct makes no more than the plain step (none, where the plain step makes none:
@@ -222,6 +184,44 @@ def test_checkpoint_neither_double_counts_nor_mispairs(device, reentrant):
     assert len(calls) == 2, "the region must have been recomputed"
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    model, x = small_cnn(device), torch.randn(4, 3, 10, 10).to(device)
+    eager = copy.deepcopy(model)
+    trainact.apply(model)
+    trainact.apply(eager)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    got, expected = _grads(model, x, compiled), _grads(eager, x)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    plain = trainact.remove(copy.deepcopy(eager))
+    assert not torch.allclose(got["0.weight"], _grads(plain, x)["0.weight"])
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_sgd_steps_are_exact(device, mode):
+    """Three SGD steps through ``torch.compile(fullgraph=True)``, each TrAct gradient against
+    the plain eager copy's G preconditioned in float64 (with mode="reduce-overhead": CUDA graph
+    replays)."""
+    if mode == "reduce-overhead" and device.type != "cuda":
+        pytest.skip("mode='reduce-overhead' records CUDA graphs: CUDA only")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = testing.small_cnn().to(device)
+    trainact.apply(model)
+    options = {"mode": mode} if mode else {}
+    compiled = torch.compile(model, fullgraph=True, backend=_backend(device), **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        x, y = _batch(device, 200 + step)
+        assert step_error(model, x, y * 2, forward=compiled) <= 1e-4, step
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def test_compile_with_deferred_accumulation_equals_one_big_batch(device):
