@@ -1,7 +1,7 @@
 """How accurate is trainact's gradient at every input scale? Real photos, float64 reference.
 
     python benchmarks/accuracy.py                    # the CPU's default, the float32 path, float64
-    python benchmarks/accuracy.py --device cuda      # on a GPU: also with TF32 allowed (--tf32)
+    python benchmarks/accuracy.py --device cuda --matmuls strict tf32   # also with TF32 allowed
 
 For each case of :data:`trainact.testing.ACCURACY_CASES` (a stem and an input scale, on real
 CIFAR-10 photos from the package's embedded subset), one float32 layer's weight gradient with
@@ -9,8 +9,8 @@ TrAct is compared with G·(XᵀX/n + λI)⁻¹ computed in float64 from explicit
 λ = 0.1, with the same plain gradient G; for n < d (the n×n form) with the float64 answer for
 the same input (:func:`trainact.testing.exact_tract_grad`). Prints the relative Frobenius error
 of each case for ``statistics_dtype=None`` (the device's policy), ``torch.float32`` (the path of
-devices without fast float64) and ``torch.float64``, next to its target. ``--tf32`` runs with
-TF32 allowed (``torch.set_float32_matmul_precision("high")`` and cuDNN TF32 on), as many users
+devices without fast float64) and ``torch.float64``, next to its target. ``--matmuls tf32`` runs
+with TF32 allowed (``torch.set_float32_matmul_precision("high")`` and cuDNN TF32 on), as many users
 train on GPUs; otherwise float32 matmuls and convolutions are strict. cuDNN runs deterministic,
 so that the plain copy's G and the TrAct layer's are the same. ``--many-chunks N`` adds two
 cases on N and N/4 photos whose statistics take many chunks; ``--cases`` keeps the cases whose
@@ -62,10 +62,38 @@ def float32_matmuls(tf32: bool) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = saved[1:]
 
 
+def table(cases: list, images: torch.Tensor, tf32: bool) -> tuple[list[dict], int]:
+    """Print one table (a row per case, a column per statistics dtype); its rows and the
+    number of cells over their target."""
+    print(f"\n{'TF32 allowed' if tf32 else 'strict float32'}: relative error (target)")
+    columns = list(STATISTICS_DTYPES)
+    print("| case | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    rows, over = [], 0
+    with float32_matmuls(tf32):
+        for case in cases:
+            cells, row = [], {"case": case.name}
+            for column, dtype in STATISTICS_DTYPES.items():
+                limit = case_target(case, dtype)
+                error = case_error(case, images, dtype)
+                ok = error <= limit
+                over += not ok
+                row[column] = {"error": error, "target": limit, "ok": ok}
+                cells.append(f"{error:.1e} ({limit:.0e}){'' if ok else ' **over**'}")
+            rows.append(row)
+            print(f"| {case.name} | " + " | ".join(cells) + " |", flush=True)
+    return rows, over
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions")
+    parser.add_argument(
+        "--matmuls",
+        choices=["strict", "tf32"],
+        nargs="+",
+        default=["strict"],
+        help="one table per setting: strict float32, or TF32 allowed (matmuls and cuDNN)",
+    )
     parser.add_argument(
         "--many-chunks", type=int, metavar="N", help="add two cases on N and N/4 photos"
     )
@@ -82,41 +110,25 @@ def main() -> None:
         count = max(count, args.many_chunks)
     images = photos(count, device=device)
     policy = precision_for(device, None, torch.float32).describe()
-    print(
-        f"lambda={LAM}, torch {torch.__version__}, device {device}, "
-        f"{'TF32 allowed' if args.tf32 else 'strict float32'}; policy: {policy}"
-    )
-    print("relative error (target)")
-    print(
-        "| case | " + " | ".join(STATISTICS_DTYPES) + " |\n|---|" + "---:|" * len(STATISTICS_DTYPES)
-    )
-    rows, over = [], 0
+    print(f"lambda={LAM}, torch {torch.__version__}, device {device}; policy: {policy}")
     start = time.perf_counter()
-    with float32_matmuls(args.tf32):
-        for case in cases:
-            cells, row = [], {"case": case.name}
-            for column, dtype in STATISTICS_DTYPES.items():
-                limit = case_target(case, dtype)
-                error = case_error(case, images, dtype)
-                ok = error <= limit
-                over += not ok
-                row[column] = {"error": error, "target": limit, "ok": ok}
-                cells.append(f"{error:.1e} ({limit:.0e}){'' if ok else ' **over**'}")
-            rows.append(row)
-            print(f"| {case.name} | " + " | ".join(cells) + " |", flush=True)
-    print("every case within its target" if not over else f"{over} cells over their target")
+    tables = []
+    for setting in args.matmuls:
+        rows, over = table(cases, images, setting == "tf32")
+        tables.append({"tf32": setting == "tf32", "over": over, "rows": rows})
+    over = sum(t["over"] for t in tables)
+    print("\nevery case within its target" if not over else f"\n{over} cells over their target")
     if args.json:
         result = {
             "benchmark": "accuracy",
             "device": str(device),
-            "tf32": args.tf32,
             "policy": policy,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "lambda": LAM,
             "seconds": time.perf_counter() - start,
             "over": over,
-            "rows": rows,
+            "tables": tables,
         }
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -91,8 +91,8 @@ class Sizes:
     """What each part runs: the full GPU check, or the tiny dry run. Only this differs."""
 
     tests: tuple[str, ...]  # pytest's arguments
-    overhead: tuple[tuple[str, ...], ...]  # one benchmarks/overhead.py run per entry
-    accuracy: tuple[tuple[str, ...], ...]  # one benchmarks/accuracy.py run per entry
+    overhead: tuple[str, ...]  # benchmarks/overhead.py's arguments
+    accuracy: tuple[str, ...]  # benchmarks/accuracy.py's arguments
     seconds: dict[str, float]  # each part's share of the budget (compare: the rest)
     compare_args: tuple[str, ...]  # extra arguments of the two trainact runs
     compare_max_epochs: int
@@ -101,64 +101,34 @@ class Sizes:
 
 GPU = Sizes(
     tests=DEVICE_TESTS,
-    overhead=(
-        (
-            "--only",
-            "stem",
-            "step",
-            "--batch",
-            "128",
-            "--step-batch",
-            "512",
-            "--amp",
-            "bf16",
-            "--statistics-dtype",
-            "default",
-            "float32",
-            "float64",
-        ),  # fmt: skip
-        ("--only", "mlp", "--step-batch", "128"),
+    overhead=tuple(
+        "--batch 128 --step-batch 512 --mlp-batch 128 --amp bf16 --channels-last "
+        "--rounds 3 --repeats 20".split()
     ),
-    accuracy=(("--many-chunks", "1024"), ("--tf32",)),
+    accuracy=tuple("--matmuls strict tf32 --many-chunks 1024".split()),
     seconds={"tests": 270, "overhead": 50, "accuracy": 30, "compare": 130},
     compare_args=("--amp", "bf16"),
     compare_max_epochs=200,
     judge_cost=True,
 )
-GPU_OVERHEAD_COMMON = ("--rounds", "3", "--repeats", "20", "--in-process", "--channels-last")
 DRY = Sizes(
     tests=(
-        "tests/test_testing.py::test_tract_error_tells_the_right_lambda_from_a_wrong_one",
+        "tests/test_testing.py::test_relative_error",
         "tests/nn/test_layer.py::test_channels_last_input_and_weights",
-        "tests/maths/test_precision.py::test_tf32_allowed_globally_keeps_every_accuracy_target",
-        "tests/nn/test_training_machinery.py::test_compiled_sgd_steps_are_exact",
+        "tests/nn/test_training_machinery.py::test_checkpoint_neither_double_counts_nor_mispairs",
         "tests/nn/test_training_machinery.py::test_no_host_synchronization_is_added_to_a_training_step",
     ),
-    overhead=(
-        (
-            "--only",
-            "stem",
-            "step",
-            "--batch",
-            "1",
-            "--step-batch",
-            "4",
-            "--model",
-            "resnet-tiny",
-            "--statistics-dtype",
-            "default",
-            "float32",
-            "float64",
-        ),  # fmt: skip
-        ("--only", "mlp", "--step-batch", "8"),
+    overhead=tuple(
+        "--batch 1 --step-batch 4 --mlp-batch 8 --model resnet-tiny --rounds 1 --repeats 1".split()
     ),
-    accuracy=(("--cases", "3x3/1", "--many-chunks", "16"), ("--tf32", "--cases", "Linear")),
+    accuracy=("--matmuls", "strict", "tf32", "--cases", "3x3/1|Linear on", "--many-chunks", "16"),
     seconds={"tests": 150, "overhead": 90, "accuracy": 90, "compare": 150},
     compare_args=("--model", "resnet-tiny", "--eval-batch-size", "500", "--train-subset", "200"),
     compare_max_epochs=1,
     judge_cost=False,
 )
-DRY_OVERHEAD_COMMON = ("--rounds", "1", "--repeats", "1", "--in-process")
+#: Every run of benchmarks/overhead.py: each path's cost, in this process (no process starts).
+OVERHEAD_COMMON = ("--statistics-dtype", "default", "float32", "float64", "--in-process")
 
 
 @dataclass
@@ -359,33 +329,26 @@ def part_tests(run: Run, part: Part) -> None:
 # ---- parts 2 and 3: the benchmarks --------------------------------------------------------
 
 
-def _benchmark(run: Run, part: Part, script: str, variants: tuple[tuple[str, ...], ...],
-               common: tuple[str, ...]) -> list[dict[str, Any]]:  # fmt: skip
-    """Run ``script`` once per variant within the part's time; the results of its JSON files."""
-    deadline = time.monotonic() + run.limit(part.name)
-    results = []
-    for i, variant in enumerate(variants):
-        out = run.work / f"{part.name}-{i}.json"
-        cmd = [sys.executable, str(BENCHMARKS / script), "--device", str(run.device)]
-        cmd += [*variant, *common, "--json", str(out)]
-        part.commands.append(run.shown(cmd))
-        returncode, stopped, output = run_child(cmd, max(deadline - time.monotonic(), 1.0))
-        if stopped or returncode != 0 or not out.exists():
-            part.status = "stopped" if stopped else "fail"
-            part.problems.append(
-                f"{run.shown(cmd[1:2])}: "
-                + ("stopped at its time limit" if stopped else f"exit {returncode}: ")
-                + ("" if stopped else _last_line(output))
-            )
-            continue
-        results.append(json.loads(out.read_text()))
-    return results
+def _benchmark(run: Run, part: Part, script: str, args: tuple[str, ...]) -> dict[str, Any]:
+    """Run ``script`` within the part's time; the results of its JSON file (empty on failure)."""
+    out = run.work / f"{part.name}.json"
+    cmd = [sys.executable, str(BENCHMARKS / script), "--device", str(run.device), *args]
+    cmd += ["--json", str(out)]
+    part.commands.append(run.shown(cmd))
+    returncode, stopped, output = run_child(cmd, run.limit(part.name))
+    if stopped or returncode != 0 or not out.exists():
+        part.status = "stopped" if stopped else "fail"
+        part.problems.append(
+            "stopped at its time limit" if stopped else f"exit {returncode}: {_last_line(output)}"
+        )
+        return {}
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
 
 
 def part_overhead(run: Run, part: Part) -> None:
-    common = DRY_OVERHEAD_COMMON if run.dry_run else GPU_OVERHEAD_COMMON
-    results = _benchmark(run, part, "overhead.py", run.sizes.overhead, common)
-    part.data = {"runs": results}
+    result = _benchmark(run, part, "overhead.py", (*run.sizes.overhead, *OVERHEAD_COMMON))
+    part.data = {"result": result}
     judged = run.sizes.judge_cost
     figures: list[dict[str, Any]] = []
 
@@ -407,7 +370,7 @@ def part_overhead(run: Run, part: Part) -> None:
              "result": verdict}
         )  # fmt: skip
 
-    for result in results:
+    if result:
         targets = result["targets"]
         if "stem" in result:
             rows = result["stem"]["rows"]
@@ -476,31 +439,30 @@ def part_overhead(run: Run, part: Part) -> None:
 
 
 def part_accuracy(run: Run, part: Part) -> None:
-    results = _benchmark(run, part, "accuracy.py", run.sizes.accuracy, ())
-    part.data = {"runs": results}
-    over = 0
-    for result in results:
-        over += result["over"]
-        label = "TF32 allowed" if result["tf32"] else "strict float32"
-        columns = [c for c in result["rows"][0] if c != "case"] if result["rows"] else []
-        table = [
-            f"{label}; policy: {result['policy']}",
+    result = _benchmark(run, part, "accuracy.py", run.sizes.accuracy)
+    part.data = {"result": result}
+    tables = result.get("tables", [])
+    for t in tables:
+        columns = [c for c in t["rows"][0] if c != "case"] if t["rows"] else []
+        lines = [
+            f"{'TF32 allowed' if t['tf32'] else 'strict float32'}; policy: {result['policy']}",
             "",
             "| case | " + " | ".join(columns) + " |",
             "|---|" + "---:|" * len(columns),
         ]
-        for row in result["rows"]:
+        for row in t["rows"]:
             cells = [
                 f"{_fmt(row[c]['error'])} (≤ {row[c]['target']:g})"
                 + ("" if row[c]["ok"] else " **over**")
                 for c in columns
             ]
-            table.append(f"| {row['case']} | " + " | ".join(cells) + " |")
-        part.markdown.append("\n".join(table))
+            lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
+        part.markdown.append("\n".join(lines))
+    over = result.get("over", 0)
     if over:
         part.status = "fail"
         part.problems.append(f"{over} cells over their target")
-    cells = sum(len(r["rows"]) * 3 for r in results)
+    cells = sum(len(t["rows"]) * 3 for t in tables)
     part.summary = f"{cells - over} of {cells} cells within target"
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -321,20 +322,26 @@ def model_step_error(
 # ---- real photos at every input scale -----------------------------------------------------
 
 
-def photos(
-    count: int = 256, *, device: torch.device | str | None = None, cache_dir: str | None = None
-) -> Tensor:
-    """``count`` real CIFAR-10 test photos (the package's embedded subset, 2000 photos) as float32
-    pixels in [0, 255], ``(count, 3, 32, 32)``. Needs the ``[experiments]`` extra (numpy)."""
+@functools.cache
+def _embedded_test_photos() -> Tensor:
+    """The embedded CIFAR-10 subset's 2000 test photos, uint8, decoded once per process."""
     from trainact.experiments.data import load_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = load_dataset("cifar10-subset", cache_dir or tmp, progress=False)
+        data = load_dataset("cifar10-subset", tmp, progress=False)
     images: Tensor = data.test_images
+    return images
+
+
+def photos(count: int = 256, *, device: torch.device | str | None = None) -> Tensor:
+    """``count`` real CIFAR-10 test photos (the package's embedded subset, 2000 photos) as float32
+    pixels in [0, 255], ``(count, 3, 32, 32)``, a new tensor. Needs the ``[experiments]`` extra
+    (numpy)."""
+    images = _embedded_test_photos()
     if count > images.shape[0]:
         raise ValueError(f"the embedded subset has {images.shape[0]} test photos, not {count}")
-    images = images[:count].float()
-    return images if device is None else images.to(device)
+    selected = images[:count].float()  # a copy: the decoded photos stay as they are
+    return selected if device is None else selected.to(device)
 
 
 def standardized(x: Tensor) -> Tensor:

@@ -32,9 +32,9 @@ CASE_IDS = [c.name for c in ACCURACY_CASES]
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory, device) -> torch.Tensor:
+def images(device) -> torch.Tensor:
     """256 photos of the embedded subset, raw pixels, on the device under test."""
-    return photos(256, device=device, cache_dir=str(tmp_path_factory.mktemp("cifar-cache")))
+    return photos(256, device=device)
 
 
 @pytest.mark.parametrize("case", ACCURACY_CASES, ids=CASE_IDS)
