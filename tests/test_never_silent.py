@@ -387,3 +387,26 @@ def test_meta_device_init_then_assign_loading_keeps_tract():
     _loss(plain, x, y).backward()
     expected = reference_tract_grad(model[0], x, plain[0].weight.grad, 0.1)
     assert relative_error(model[0].weight.grad, expected) < 1e-5
+
+
+def test_precondition_on_step_with_a_grad_scaler_that_skips_a_step():
+    """A step the GradScaler skips never calls optimizer.step(), so its statistics are never
+    preconditioned; cleared with their gradient by the next zero_grad, they do not leak into
+    the next step."""
+    model = _model().float()
+    trainact.apply(model, defer=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainact.precondition_on_step(opt, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y = (t.float() for t in _batch(1))
+    scaler.scale(_loss(model, 5 * x, y) * float("inf")).backward()
+    scaler.step(opt)  # skipped: the gradient is not finite
+    scaler.update()
+    opt.zero_grad()
+    x2, y2 = (t.float() for t in _batch(2))
+    scaler.scale(_loss(model, x2, y2)).backward()
+    scaler.step(opt)
+    plain = trainact.remove(_model()).float()
+    _loss(plain, x2, y2).backward()
+    expected = reference_tract_grad(model[0], x2, plain[0].weight.grad, 0.1)
+    assert relative_error(model[0].weight.grad, expected) < 1e-5
