@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trainact.experiments.train import Config
@@ -117,7 +117,9 @@ def _dataset_as_given(dataset: str) -> str:
         return dataset
 
 
-def build_config(args: argparse.Namespace, saved: dict | None = None, **fixed: object) -> Config:
+def build_config(
+    args: argparse.Namespace, saved: dict[str, Any] | None = None, **fixed: Any
+) -> Config:
     """Defaults (or the ``saved`` configuration of a run to resume), then the preset (for the
     epoch budget asked), then explicit options, then ``fixed`` (the method and, in a sweep, the
     budget: a preset's lr may depend on it). The Config checks itself when it is made."""
@@ -125,7 +127,7 @@ def build_config(args: argparse.Namespace, saved: dict | None = None, **fixed: o
     from trainact.experiments.train import Config
 
     fields = {f.name for f in dataclasses.fields(Config)}
-    values = {
+    values: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v for k, v in (saved or {}).items() if k in fields
     }
     budget = fixed.get("epochs", args.epochs or values.get("epochs"))
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep" and args.lams is not None and args.lam is not None:
             raise ValueError("--lam and --lams both set TrAct's λ: give one of them")
         preset = get_preset(args.preset) if args.preset else None
-        fixed: dict = {} if args.command == "train" else {"method": "baseline"}
+        fixed: dict[str, Any] = {} if args.command == "train" else {"method": "baseline"}
         if args.command == "sweep":  # its configuration is each budget's; check the first one's
             budgets = args.budgets or (preset.budgets if preset else (1, 2, 4))
             fixed["epochs"] = budgets[0]
@@ -373,7 +375,7 @@ def _message(err: Exception) -> str:
     return str(err)
 
 
-def _epoch_line(r: dict) -> str:
+def _epoch_line(r: dict[str, Any]) -> str:
     top5 = f" (top-5 {100 * r['test_top5']:.2f} %)" if r.get("test_top5") is not None else ""
     return (
         f"epoch {r['epoch']:>3}/{r['epochs']}: train loss {r['train_loss']:.4f} "

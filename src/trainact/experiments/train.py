@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ import trainact
 from trainact.experiments import augment, rundir
 from trainact.experiments.data import ImageDataset, load_dataset
 from trainact.experiments.models import FIRST_LAYER, MODEL_NAMES, build_model
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 METHODS = ("baseline", "tract")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -203,7 +207,7 @@ def resolve_device(name: str) -> torch.device:
     )
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device) -> dict[str, Any]:
     """Where a run is computed: versions, device and CPU threads (recorded in ``job.json``)."""
     env = {
         "trainact": trainact.__version__,
@@ -254,6 +258,7 @@ def make_optimizers(cfg: Config, model: nn.Module, first_layer: str) -> list[tor
     layer ``first_layer`` and one for the rest; each group keeps its peak rate as ``peak_lr``."""
 
     def make(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        opt: torch.optim.Optimizer
         if kind == "sgd":
             opt = torch.optim.SGD(
                 params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -379,7 +384,7 @@ def _restore(
         ) from err
 
 
-def _finished_results(path: Path, checkpoint: Path, done: int) -> list[dict]:
+def _finished_results(path: Path, checkpoint: Path, done: int) -> list[dict[str, Any]]:
     """The records of the ``done`` epochs the checkpoint has finished, with ``path`` rewritten
     atomically to hold exactly those (lines past the checkpoint are epochs to redo)."""
     records = rundir.read_jsonl(path) if path.exists() else []
@@ -401,7 +406,7 @@ def _finished_results(path: Path, checkpoint: Path, done: int) -> list[dict]:
     return kept
 
 
-def _few(values: list) -> str:
+def _few(values: list[Any]) -> str:
     """A list shown with at most 8 items."""
     return "[" + ", ".join(map(str, values[:8])) + (", ...]" if len(values) > 8 else "]")
 
@@ -416,13 +421,13 @@ RESUMABLE_CHANGES = ("data_dir", "device", "compile", "eval_batch_size")
 
 def train(
     cfg: Config,
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     *,
     resume: bool = False,
     data: ImageDataset | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Train one model; returns one record per epoch (also in ``out_dir/results.jsonl``).
 
     ``out_dir`` is claimed for this run (see :mod:`trainact.experiments.rundir`); with
@@ -453,9 +458,9 @@ def _run(
     out: Path,
     device: torch.device,
     data: ImageDataset | None,
-    on_epoch: Callable[[dict], None] | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
     progress: bool,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """The run in a claimed directory: set up, restore the checkpoint if any, train."""
     results_path, ckpt_path = out / "results.jsonl", out / "checkpoint.pt"
 
@@ -484,10 +489,11 @@ def _run(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
-    def amp():
+    def amp() -> torch.autocast:
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    forward = torch.compile(model) if cfg.compile else model
+    # torch.compile wraps a module in an OptimizedModule, itself a module
+    forward = cast(nn.Module, torch.compile(model)) if cfg.compile else model
 
     start_epoch = 0
     if ckpt_path.exists():
@@ -555,13 +561,17 @@ def _run(
             "epoch": epoch,
             "config": dataclasses.asdict(cfg),
         }
-        rundir.write_atomic(ckpt_path, lambda f, obj=checkpoint: torch.save(obj, f))
+
+        def save(f: BinaryIO, obj: dict[str, Any] = checkpoint) -> None:
+            torch.save(obj, f)
+
+        rundir.write_atomic(ckpt_path, save)
         if on_epoch is not None:
             on_epoch(record)
     return records
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool) -> tqdm[Any]:
     """A progress bar on stderr, shown only where stderr is a terminal (tqdm's ``disable=None``)."""
     from tqdm.auto import tqdm
 
