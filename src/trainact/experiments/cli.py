@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trainact.experiments.train import Config
+    from trainact.experiments.config import Config
 
 MISSING_EXTRAS = (
     "the trainact command needs the experiments extra: pip install 'trainact[experiments]' "
@@ -43,10 +43,8 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     """Every Config knob, default None so that presets and defaults fill the rest."""
-    from trainact.experiments.data import DATASET_NAMES
-    from trainact.experiments.models import MODEL_NAMES
+    from trainact.experiments.config import CHOICES, DATASET_NAMES, MODEL_NAMES, OPTIMIZERS
     from trainact.experiments.presets import PRESETS
-    from trainact.experiments.train import CHOICES, OPTIMIZERS
 
     presets = "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
     p.add_argument("--preset", help=f"a paper setup ({presets})")
@@ -107,7 +105,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
 def _dataset_as_given(dataset: str) -> str:
     """A dataset path as it is recorded: relative to the current directory (so that results
     name no particular machine's directories); names and relative paths as given."""
-    from trainact.experiments.data import DATASET_NAMES
+    from trainact.experiments.config import DATASET_NAMES
 
     if dataset in DATASET_NAMES or not os.path.isabs(os.path.expanduser(dataset)):
         return dataset
@@ -123,8 +121,8 @@ def build_config(
     """Defaults (or the ``saved`` configuration of a run to resume), then the preset (for the
     epoch budget asked), then explicit options, then ``fixed`` (the method and, in a sweep, the
     budget: a preset's lr may depend on it). The Config checks itself when it is made."""
+    from trainact.experiments.config import Config
     from trainact.experiments.presets import preset_overrides
-    from trainact.experiments.train import Config
 
     fields = {f.name for f in dataclasses.fields(Config)}
     values: dict[str, Any] = {
@@ -182,7 +180,7 @@ def _default_out(kind: str) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     import trainact
-    from trainact.experiments.train import Config
+    from trainact.experiments.config import Config
 
     parser = argparse.ArgumentParser(
         prog="trainact",
@@ -292,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"trainact {trainact.__version__}")
         return 0
+    # Parsed first, so that --help and argument errors import no more than the choices need
+    # (the parser's modules need torch alone, which trainact imports anyway).
+    args = _parser().parse_args(argv)
     try:
         import filelock  # noqa: F401
         import matplotlib  # noqa: F401
@@ -301,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"error: {MISSING_EXTRAS} ({err})", file=sys.stderr)
         return 2
-    args = _parser().parse_args(argv)
     import torch
 
     from trainact.experiments.compare import compare, sweep

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from trainact.experiments.config import METHODS, Config
 from trainact.experiments.data import ImageDataset
 from trainact.experiments.evidence import (
     METRICS,
@@ -24,9 +25,7 @@ from trainact.experiments.evidence import (
 from trainact.experiments.plot import figure_title, plot_budgets, plot_curves, plot_lams
 from trainact.experiments.rundir import append_jsonl, claim, read_jsonl, write_json, write_jsonl
 from trainact.experiments.train import (
-    METHODS,
     RESUMABLE_CHANGES,
-    Config,
     environment,
     load_data,
     resolve_device,

@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from trainact.experiments.config import DATASET_NAMES
 from trainact.experiments.rundir import write_atomic
 
 __all__ = [
@@ -53,8 +54,6 @@ __all__ = [
     "load_dataset",
     "stratified_subset",
 ]
-
-DATASET_NAMES: tuple[str, ...] = ("cifar10-subset", "cifar10", "cifar100")
 
 # Bumped whenever the layout of the cache files changes, so that old caches are not reused.
 _CACHE_VERSION = "1"
