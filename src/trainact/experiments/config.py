@@ -32,6 +32,7 @@ __all__ = [
 #: The datasets known by name (:func:`trainact.experiments.data.load_dataset`); any other
 #: ``dataset`` is the path of an image folder or archive.
 DATASET_NAMES: tuple[str, ...] = ("cifar10-subset", "cifar10", "cifar100")
+
 METHODS = ("baseline", "tract")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # cosine and step are applied per step; vit-cifar is ViT-CIFAR's per-epoch warm-up and cosine
