@@ -213,8 +213,9 @@ def precondition_(model: nn.Module) -> int:
         NotImplementedError: a sharded (FSDP2) gradient of a grouped convolution.
     """
     return sum(
-        deferred.precondition(layer, tract_layer.state_of(layer))
+        deferred.precondition(layer, state)
         for _, layer in enabled_layers(model)
+        if (state := tract_layer.state_of(layer)) is not None
     )
 
 

@@ -4,10 +4,13 @@ and the all-reduce itself. Single-process runs never reach a collective.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, TypeGuard, Union
 
 import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 #: "auto": the default group whenever torch.distributed runs with world size > 1;
 #: None: each process keeps its own statistics; or an explicit ProcessGroup.
@@ -50,7 +53,7 @@ def world_size(process_group: ProcessGroupArg) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def is_dtensor(tensor: Tensor) -> bool:
+def is_dtensor(tensor: Tensor) -> TypeGuard[DTensor]:
     """FSDP2 shards parameters (and their gradients) as DTensors."""
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
 

@@ -14,7 +14,7 @@ never imports transformers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,8 +28,15 @@ except ImportError as err:
 
 __all__ = ["TrActMixin", "TrActTrainer"]
 
+# The mixin's base for the type checker: the Trainer whose methods it extends (at run time the
+# mixin has no base of its own, so that it goes before any Trainer subclass).
+if TYPE_CHECKING:
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
 
-class TrActMixin:
+
+class TrActMixin(_TrainerBase):
     """TrAct for a ``transformers.Trainer`` or any subclass of it: ``class MyTrainer(TrActMixin,
     Seq2SeqTrainer)``. Its constructor takes the Trainer's arguments plus:
 
@@ -86,7 +93,7 @@ class TrActMixin:
         inputs: dict[str, Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss: torch.Tensor = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the last micro-batch: clipping and a step follow
             trainact.precondition_(model)
         return loss

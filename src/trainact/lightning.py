@@ -24,7 +24,7 @@ try:
     import lightning.pytorch as pl
 except ImportError:  # the package's older name
     try:
-        import pytorch_lightning as pl
+        import pytorch_lightning as pl  # type: ignore[no-redef]  # the same API
     except ImportError as err:
         raise ImportError(
             "trainact.lightning needs Lightning: pip install lightning (or pytorch_lightning)"
@@ -100,7 +100,8 @@ class TrActCallback(pl.Callback):
                 "TrActCallback enables it itself: call trainact.remove(module) first"
             )
         accumulates = trainer.accumulate_grad_batches > 1 or any(
-            map(_schedules_accumulation, trainer.callbacks)
+            # (Lightning's callback connector sets trainer.callbacks; Trainer does not declare it)
+            map(_schedules_accumulation, trainer.callbacks)  # type: ignore[attr-defined]
         )
         self._deferred = self.defer or accumulates
         self.layer_name = trainact.apply(

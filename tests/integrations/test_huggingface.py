@@ -280,3 +280,20 @@ def test_two_views_raise(tmp_path):
     )
     with pytest.raises(RuntimeError, match="torch.cat"):
         trainer.train()
+
+
+def test_gradient_checkpointing_of_a_vit_keeps_tract_exact():
+    """Hugging Face gradient checkpointing recomputes the encoder in backward; the patch
+    embedding (outside it) is preconditioned once, as without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = transformers.ViTForImageClassification(tiny_vit_config(num_labels=3)).double()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+        trainact.apply(model, example_inputs={"pixel_values": x})
+        model(pixel_values=x, labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+        grads.append(model.vit.embeddings.patch_embeddings.projection.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)

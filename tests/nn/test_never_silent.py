@@ -354,3 +354,61 @@ def test_automatic_discovery_leaves_no_reference_cycle_holding_the_model(example
         assert ref() is None
     finally:
         gc.enable()
+
+
+# ---- patterns that keep working ------------------------------------------------------------
+
+
+def test_a_gradient_penalty_differentiates_through_the_preconditioned_backward():
+    """Double backward: a penalty on the input gradient (create_graph=True) trains with
+    TrAct's gradient of the total loss, checked against an explicit float64 reference."""
+    model = _model()
+    trainact.apply(model)
+    plain = trainact.remove(_model())
+    x, y = _batch(1)
+    grads = []
+    for m in (model, plain):
+        xi = x.clone().requires_grad_(True)
+        loss = _loss(m, xi, y)
+        (gx,) = torch.autograd.grad(loss, xi, create_graph=True)
+        (loss + gx.square().sum()).backward()
+        grads.append(m[0].weight.grad)
+    expected = reference_tract_grad(model[0], x, grads[1], 0.1)
+    torch.testing.assert_close(grads[0], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_meta_device_init_then_assign_loading_keeps_tract():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2))
+    trainact.apply(model)
+    model.load_state_dict(trainact.remove(_model()).float().state_dict(), assign=True)
+    assert trainact.is_enabled(model) and model[0].weight.device.type == "cpu"
+    x, y = (t.float() for t in _batch(1))
+    _loss(model, x, y).backward()
+    plain = trainact.remove(_model()).float()
+    _loss(plain, x, y).backward()
+    expected = reference_tract_grad(model[0], x, plain[0].weight.grad, 0.1)
+    assert relative_error(model[0].weight.grad, expected) < 1e-5
+
+
+def test_precondition_on_step_with_a_grad_scaler_that_skips_a_step():
+    """A step the GradScaler skips never calls optimizer.step(), so its statistics are never
+    preconditioned; cleared with their gradient by the next zero_grad, they do not leak into
+    the next step."""
+    model = _model().float()
+    trainact.apply(model, defer=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainact.precondition_on_step(opt, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y = (t.float() for t in _batch(1))
+    scaler.scale(_loss(model, 5 * x, y) * float("inf")).backward()
+    scaler.step(opt)  # skipped: the gradient is not finite
+    scaler.update()
+    opt.zero_grad()
+    x2, y2 = (t.float() for t in _batch(2))
+    scaler.scale(_loss(model, x2, y2)).backward()
+    scaler.step(opt)
+    plain = trainact.remove(_model()).float()
+    _loss(plain, x2, y2).backward()
+    expected = reference_tract_grad(model[0], x2, plain[0].weight.grad, 0.1)
+    assert relative_error(model[0].weight.grad, expected) < 1e-5

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import math
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 
 def crop_flip(images: Tensor, gen: torch.Generator) -> Tensor:
@@ -133,7 +137,7 @@ _RANGES = {
 _GRAY = (128, 128, 128)  # ViT-CIFAR's fill colour
 
 
-def _operation(img, name: str, magnitude: float, rng: random.Random):
+def _operation(img: PILImage, name: str, magnitude: float, rng: random.Random) -> PILImage:
     """One AutoAugment operation on a Pillow image, as ViT-CIFAR's ``ops.py`` does it."""
     from PIL import Image, ImageEnhance, ImageOps
 
@@ -142,14 +146,17 @@ def _operation(img, name: str, magnitude: float, rng: random.Random):
 
     if name in ("shearX", "shearY"):
         shear = magnitude * sign()
+        matrix: tuple[float, ...]
         matrix = (1, shear, 0, 0, 1, 0) if name == "shearX" else (1, 0, 0, shear, 1, 0)
-        return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=_GRAY)
+        return img.transform(
+            img.size, Image.Transform.AFFINE, matrix, Image.Resampling.BICUBIC, fillcolor=_GRAY
+        )
     if name in ("translateX", "translateY"):
         if name == "translateX":
             matrix = (1, 0, magnitude * img.size[0] * sign(), 0, 1, 0)
         else:
             matrix = (1, 0, 0, 0, 1, magnitude * img.size[1] * sign())
-        return img.transform(img.size, Image.AFFINE, matrix, fillcolor=_GRAY)
+        return img.transform(img.size, Image.Transform.AFFINE, matrix, fillcolor=_GRAY)
     if name == "rotate":
         rot = img.convert("RGBA").rotate(magnitude)
         return Image.composite(rot, Image.new("RGBA", rot.size, (128,) * 4), rot).convert(img.mode)
@@ -164,7 +171,8 @@ def _operation(img, name: str, magnitude: float, rng: random.Random):
     if name == "posterize":
         return ImageOps.posterize(img, int(magnitude))
     if name == "solarize":
-        return ImageOps.solarize(img, magnitude)
+        # a float threshold, as ViT-CIFAR passes it (int() would move it)
+        return ImageOps.solarize(img, magnitude)  # type: ignore[arg-type]
     if name == "autocontrast":
         return ImageOps.autocontrast(img)
     if name == "equalize":
@@ -174,7 +182,7 @@ def _operation(img, name: str, magnitude: float, rng: random.Random):
     raise ValueError(f"unknown AutoAugment operation {name!r}")
 
 
-def autoaugment_image(img, rng: random.Random):
+def autoaugment_image(img: PILImage, rng: random.Random) -> PILImage:
     """One random sub-policy of :data:`CIFAR10_POLICY` applied to a Pillow image."""
     p1, op1, m1, p2, op2, m2 = CIFAR10_POLICY[rng.randint(0, len(CIFAR10_POLICY) - 1)]
     if rng.random() < p1:

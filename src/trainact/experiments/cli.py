@@ -24,10 +24,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trainact.experiments.train import Config
+    from trainact.experiments.config import Config
 
 MISSING_EXTRAS = (
     "the trainact command needs the experiments extra: pip install 'trainact[experiments]' "
@@ -43,10 +43,8 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     """Every Config knob, default None so that presets and defaults fill the rest."""
-    from trainact.experiments.data import DATASET_NAMES
-    from trainact.experiments.models import MODEL_NAMES
+    from trainact.experiments.config import CHOICES, DATASET_NAMES, MODEL_NAMES, OPTIMIZERS
     from trainact.experiments.presets import PRESETS
-    from trainact.experiments.train import CHOICES, OPTIMIZERS
 
     presets = "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
     p.add_argument("--preset", help=f"a paper setup ({presets})")
@@ -107,7 +105,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
 def _dataset_as_given(dataset: str) -> str:
     """A dataset path as it is recorded: relative to the current directory (so that results
     name no particular machine's directories); names and relative paths as given."""
-    from trainact.experiments.data import DATASET_NAMES
+    from trainact.experiments.config import DATASET_NAMES
 
     if dataset in DATASET_NAMES or not os.path.isabs(os.path.expanduser(dataset)):
         return dataset
@@ -117,15 +115,17 @@ def _dataset_as_given(dataset: str) -> str:
         return dataset
 
 
-def build_config(args: argparse.Namespace, saved: dict | None = None, **fixed: object) -> Config:
+def build_config(
+    args: argparse.Namespace, saved: dict[str, Any] | None = None, **fixed: Any
+) -> Config:
     """Defaults (or the ``saved`` configuration of a run to resume), then the preset (for the
     epoch budget asked), then explicit options, then ``fixed`` (the method and, in a sweep, the
     budget: a preset's lr may depend on it). The Config checks itself when it is made."""
+    from trainact.experiments.config import Config
     from trainact.experiments.presets import preset_overrides
-    from trainact.experiments.train import Config
 
     fields = {f.name for f in dataclasses.fields(Config)}
-    values = {
+    values: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v for k, v in (saved or {}).items() if k in fields
     }
     budget = fixed.get("epochs", args.epochs or values.get("epochs"))
@@ -180,7 +180,7 @@ def _default_out(kind: str) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     import trainact
-    from trainact.experiments.train import Config
+    from trainact.experiments.config import Config
 
     parser = argparse.ArgumentParser(
         prog="trainact",
@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"trainact {trainact.__version__}")
         return 0
+    # Parsed first, so that --help and argument errors import no more than the choices need
+    # (the parser's modules need torch alone, which trainact imports anyway).
+    args = _parser().parse_args(argv)
     try:
         import filelock  # noqa: F401
         import matplotlib  # noqa: F401
@@ -299,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"error: {MISSING_EXTRAS} ({err})", file=sys.stderr)
         return 2
-    args = _parser().parse_args(argv)
     import torch
 
     from trainact.experiments.compare import compare, sweep
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep" and args.lams is not None and args.lam is not None:
             raise ValueError("--lam and --lams both set TrAct's λ: give one of them")
         preset = get_preset(args.preset) if args.preset else None
-        fixed: dict = {} if args.command == "train" else {"method": "baseline"}
+        fixed: dict[str, Any] = {} if args.command == "train" else {"method": "baseline"}
         if args.command == "sweep":  # its configuration is each budget's; check the first one's
             budgets = args.budgets or (preset.budgets if preset else (1, 2, 4))
             fixed["epochs"] = budgets[0]
@@ -373,7 +375,7 @@ def _message(err: Exception) -> str:
     return str(err)
 
 
-def _epoch_line(r: dict) -> str:
+def _epoch_line(r: dict[str, Any]) -> str:
     top5 = f" (top-5 {100 * r['test_top5']:.2f} %)" if r.get("test_top5") is not None else ""
     return (
         f"epoch {r['epoch']:>3}/{r['epochs']}: train loss {r['train_loss']:.4f} "

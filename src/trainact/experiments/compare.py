@@ -10,7 +10,9 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from trainact.experiments.config import METHODS, Config
 from trainact.experiments.data import ImageDataset
 from trainact.experiments.evidence import (
     METRICS,
@@ -23,9 +25,7 @@ from trainact.experiments.evidence import (
 from trainact.experiments.plot import figure_title, plot_budgets, plot_curves, plot_lams
 from trainact.experiments.rundir import append_jsonl, claim, read_jsonl, write_json, write_jsonl
 from trainact.experiments.train import (
-    METHODS,
     RESUMABLE_CHANGES,
-    Config,
     environment,
     load_data,
     resolve_device,
@@ -56,7 +56,7 @@ class TimeLeft:
         self.done = 0
         self.seconds: list[float] = []
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict[str, Any]) -> None:
         self.done += 1
         self.seconds.append(record["seconds"])
 
@@ -83,7 +83,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def _rebuild(path: Path, run_dirs: Sequence[Path], name: str = "results.jsonl") -> list[dict]:
+def _rebuild(
+    path: Path, run_dirs: Sequence[Path], name: str = "results.jsonl"
+) -> list[dict[str, Any]]:
     """The combined log, rebuilt from the runs' own logs (so a resume never duplicates)."""
     records = [r for d in run_dirs if (d / name).exists() for r in read_jsonl(d / name)]
     write_jsonl(path, records)
@@ -98,7 +100,7 @@ def compare(
     data: ImageDataset | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> dict:
+) -> dict[str, Any]:
     """Train baseline and TrAct for each seed; write results.jsonl, summary.json (the numbers of
     :func:`~trainact.experiments.evidence.compare_evidence` and the verdict in words) and
     accuracy.png (against epochs and against training time).
@@ -126,11 +128,11 @@ def _compare(
     seeds: list[int],
     runs: list[tuple[Config, Path]],
     out: Path,
-    identity: dict,
+    identity: dict[str, Any],
     data: ImageDataset | None,
     progress: bool,
     log: Callable[[str], None],
-) -> dict:
+) -> dict[str, Any]:
     if data is None:
         data = load_data(cfg, progress)
     log(
@@ -144,7 +146,7 @@ def _compare(
     for record in earlier:
         left.add(record)
 
-    def append(record: dict) -> None:
+    def append(record: dict[str, Any]) -> None:
         append_jsonl(combined, record)
         left.add(record)
         log(
@@ -194,10 +196,10 @@ def _compare(
     return summary
 
 
-def _finals(records: list[dict], epochs: int) -> dict:
+def _finals(records: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
     """method -> metric -> mean and sample std over seeds at the last epoch; top-1's also as
     the method's own ``mean`` and ``std`` (the layout of earlier summaries)."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     for method in METHODS:
         out[method] = {}
         for metric, field in METRICS.items():
@@ -218,7 +220,7 @@ def sweep(
     config_for_budget: Callable[[int], Config] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Every (budget, method, seed) run to its end; finished runs are skipped on a rerun.
 
     ``lams`` sweeps TrAct's λ: each budget and seed then has one baseline run and one TrAct run
@@ -228,7 +230,7 @@ def sweep(
     out = Path(out_dir)
     make = config_for_budget or (lambda e: dataclasses.replace(cfg, epochs=e))
     budgets, seeds = _distinct("budgets", budgets), _distinct("seeds", seeds)
-    identity: dict = {
+    identity: dict[str, Any] = {
         "config": {**dataclasses.asdict(cfg), "method": "*", "epochs": 0},
         "budgets": budgets,
         "seeds": seeds,
@@ -237,7 +239,8 @@ def sweep(
         lams = validate_lams(lams)
         identity["config"]["lam"] = "*"
         identity["lams"] = list(lams)
-    runs = []  # (config, λ or None, directory) of every run, checked before anything is written
+    # (config, λ or None, directory) of every run, checked before anything is written
+    runs: list[tuple[Config, float | None, Path]] = []
     for e in budgets:
         budget_cfg = make(e)
         for s in seeds:
@@ -245,8 +248,9 @@ def sweep(
             runs.append((base_cfg, None, out / f"baseline-e{e}-seed{s}"))
             for lam in lams or (None,):
                 name = f"tract-e{e}-seed{s}" if lam is None else f"tract-lam{lam:g}-e{e}-seed{s}"
-                changes = {"method": "tract", "seed": s, **({"lam": lam} if lam else {})}
-                runs.append((dataclasses.replace(budget_cfg, **changes), lam, out / name))
+                tract_lam = lam if lam else budget_cfg.lam
+                tract_cfg = dataclasses.replace(budget_cfg, method="tract", seed=s, lam=tract_lam)
+                runs.append((tract_cfg, lam, out / name))
     env = environment(resolve_device(cfg.device))
     with claim(out, "sweep", identity, mutable=RESUMABLE_CHANGES, env=env):
         return _sweep(cfg, runs, seeds, lams, out, identity, progress, log)
@@ -258,10 +262,10 @@ def _sweep(
     seeds: list[int],
     lams: tuple[float, ...] | None,
     out: Path,
-    identity: dict,
+    identity: dict[str, Any],
     progress: bool,
     log: Callable[[str], None],
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     data = load_data(cfg, progress)
     finals_path = out / "sweep.jsonl"
     finals, done = [], set()
@@ -328,11 +332,11 @@ def validate_lams(lams: Sequence[float]) -> tuple[float, ...]:
     return lams
 
 
-def _with_lam(record: dict, lam: float | None) -> dict:
+def _with_lam(record: dict[str, Any], lam: float | None) -> dict[str, Any]:
     return record if lam is None else {**record, "lam": lam}
 
 
-def _final_record(run_dir: Path) -> dict | None:
+def _final_record(run_dir: Path) -> dict[str, Any] | None:
     """The last epoch of a run that reached its budget; None if it has not."""
     if (run_dir / "results.jsonl").exists():
         records = read_jsonl(run_dir / "results.jsonl")

@@ -37,12 +37,14 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from trainact.experiments.config import DATASET_NAMES
 from trainact.experiments.rundir import write_atomic
 
 __all__ = [
@@ -52,8 +54,6 @@ __all__ = [
     "load_dataset",
     "stratified_subset",
 ]
-
-DATASET_NAMES: tuple[str, ...] = ("cifar10-subset", "cifar10", "cifar100")
 
 # Bumped whenever the layout of the cache files changes, so that old caches are not reused.
 _CACHE_VERSION = "1"
@@ -166,7 +166,7 @@ def load_dataset(
     cache_dir = Path(data_dir).expanduser() if data_dir is not None else default_cache_dir()
     key = os.fspath(name)
     if key == "cifar10-subset":
-        asset = resources.files("trainact.experiments").joinpath("assets", _EMBEDDED_ASSET)
+        asset = resources.files("trainact.experiments") / "assets" / _EMBEDDED_ASSET
         blob = asset.read_bytes()
         identity = hashlib.sha256(blob).hexdigest()
         build = partial(_decode_embedded, blob, progress)
@@ -277,7 +277,9 @@ def _to_dataset(
     )
 
 
-def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _channel_stats(
+    images: np.ndarray,
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Exact per-channel mean and (population) std of uint8 images, scaled to [0, 1]."""
     levels = np.arange(256, dtype=np.float64) / 255.0
     means, stds = [], []
@@ -286,7 +288,8 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
         mean = float(hist @ levels / hist.sum())
         means.append(mean)
         stds.append(float(np.sqrt(hist @ (levels - mean) ** 2 / hist.sum())))
-    return tuple(means), tuple(stds)
+    (r, g, b), (r_std, g_std, b_std) = means, stds  # RGB: the decoders convert every image
+    return (r, g, b), (r_std, g_std, b_std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +355,7 @@ def _check_splits(splits: _Splits) -> None:
 
 def _write_cache(path: Path, splits: _Splits) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
+    arrays: dict[str, Any] = {
         "classes": np.array(splits.classes, dtype=np.str_),
         "train_images": splits.train_images,
         "train_labels": splits.train_labels,
@@ -379,7 +382,7 @@ def _decode(blobs: Iterable[bytes], names: Sequence[str], progress: bool, desc: 
     for i, (blob, name) in enumerate(zip(bar, names, strict=True)):
         try:
             with Image.open(io.BytesIO(blob)) as im:
-                if first_size is None:
+                if first_size is None or out is None:
                     first_size = im.size
                     out = np.empty((len(names), 3, im.size[1], im.size[0]), dtype=np.uint8)
                 elif im.size != first_size:
@@ -467,7 +470,9 @@ def _archive_members(path: Path) -> Iterator[tuple[str, bytes]]:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if member.isfile():
-                    yield member.name, tar.extractfile(member).read()
+                    file = tar.extractfile(member)
+                    assert file is not None  # a regular file's member
+                    yield member.name, file.read()
             # A complete archive ends with a zero block; then read to the end so that compressed
             # streams verify their trailer and checksum.
             tar.fileobj.seek(tar.offset)
@@ -561,7 +566,7 @@ def _download(url: str, path: Path, md5: str, progress: bool) -> None:
     """Stream ``url`` into ``path`` atomically, checking its md5 before it takes the name."""
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    def fetch(f) -> None:
+    def fetch(f: BinaryIO) -> None:
         digest = hashlib.md5(usedforsecurity=False)
         with (
             urllib.request.urlopen(url, timeout=60) as response,
@@ -601,9 +606,13 @@ def _read_official(
     try:
         with tarfile.open(path, "r:gz") as tar:
 
-            def unpickle(member: str) -> dict:
-                with tar.extractfile(f"{spec.folder}/{member}") as f:
-                    return pickle.load(f, encoding="latin1")
+            def unpickle(member: str) -> dict[str, Any]:
+                file = tar.extractfile(f"{spec.folder}/{member}")
+                if file is None:
+                    raise tarfile.ReadError(f"{spec.folder}/{member} is not a file")
+                with file as f:
+                    batch: dict[str, Any] = pickle.load(f, encoding="latin1")
+                    return batch
 
             classes = [str(c) for c in unpickle(spec.meta_member)[spec.classes_key]]
             arrays = {}

@@ -21,20 +21,22 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from statistics import mean, median, stdev
+from typing import Any
 
 CONFIDENCE = 0.95
 MIN_SEEDS = 3  # the fewest paired seeds an interval is estimated from
 METRICS = {"top1": "test_acc", "top5": "test_top5"}  # the accuracies compared, by record field
 
 
-def variant(record: dict) -> str:
+def variant(record: dict[str, Any]) -> str:
     """The group a record belongs to: its method, and TrAct's λ where a λ sweep set one."""
     if record["method"] == "tract" and record.get("lam") is not None:
         return f"tract λ={record['lam']:g}"
-    return record["method"]
+    method: str = record["method"]
+    return method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ class Difference:
     @property
     def measurable(self) -> bool:
         """True when the interval excludes 0."""
-        return self.low is not None and (self.low > 0 or self.high < 0)
+        return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
 
     @property
     def why_no_interval(self) -> str | None:
@@ -130,7 +132,7 @@ class Difference:
     def text(self, scale: float = 100) -> str:
         """``+2.70 [+0.51, +4.89]`` (in points for accuracies), or ``+2.70 [no interval: 2
         seeds]``."""
-        if self.low is None:
+        if self.low is None or self.high is None:
             short = f"{self.n} seed{'s' * (self.n > 1)}" if self.n < MIN_SEEDS else "no spread"
             return f"{scale * self.mean:+.2f} [no interval: {short}]"
         return f"{scale * self.mean:+.2f} [{scale * self.low:+.2f}, {scale * self.high:+.2f}]"
@@ -149,14 +151,14 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Differe
     return Difference(mean(d), sd, len(d), mean(d) - half, mean(d) + half)
 
 
-def mean_std(values) -> tuple[float, float]:
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value) of numbers."""
     values = list(values)
     return mean(values), stdev(values) if len(values) > 1 else 0.0
 
 
 def mean_std_by(
-    records: list[dict], key: str, field: str = "test_acc"
+    records: list[dict[str, Any]], key: str, field: str = "test_acc"
 ) -> dict[str, dict[int, tuple[float, float, int]]]:
     """variant -> ``key`` value (epoch or budget) -> (mean, std, count) of ``field`` over seeds;
     records without ``field`` are left out."""
@@ -170,7 +172,9 @@ def mean_std_by(
     }
 
 
-def _by_seed(records: list[dict], key: str, field: str) -> dict[str, dict[int, dict[int, float]]]:
+def _by_seed(
+    records: list[dict[str, Any]], key: str, field: str
+) -> dict[str, dict[int, dict[int, float]]]:
     """variant -> ``key`` value (epoch or budget) -> seed -> ``field`` (where recorded)."""
     out: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
@@ -191,7 +195,7 @@ def _verdict(diff: Difference) -> str:
 # The verdicts.
 
 
-def compare_evidence(records: list[dict], epochs: int) -> dict:
+def compare_evidence(records: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
     """The numbers behind compare's verdict (see the module docstring for the rule).
 
     ``records``: one per method, seed and epoch (``test_acc``, ``seconds``). Accuracies are
@@ -207,7 +211,8 @@ def compare_evidence(records: list[dict], epochs: int) -> dict:
     reached = None
     if final.low is not None:
         for e in range(epochs, 0, -1):
-            if to_target[e].low is None or not to_target[e].low > 0:
+            low = to_target[e].low
+            if low is None or not low > 0:
                 break
             reached = e
     median_s = {m: median(v) for m, v in seconds.items()}
@@ -233,7 +238,7 @@ def compare_evidence(records: list[dict], epochs: int) -> dict:
     }
 
 
-def _top5_evidence(records: list[dict], epochs: int) -> dict:
+def _top5_evidence(records: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
     """The paired final top-5 difference and its verdict, where the records have top-5."""
     top5 = _by_seed(records, "epoch", METRICS["top5"])
     if not (top5["tract"].get(epochs) and top5["baseline"].get(epochs)):
@@ -242,7 +247,7 @@ def _top5_evidence(records: list[dict], epochs: int) -> dict:
     return {"final_top5_difference": asdict(diff), "final_top5_verdict": _verdict(diff)}
 
 
-def compare_verdict(evidence: dict, epochs: int) -> list[str]:
+def compare_verdict(evidence: dict[str, Any], epochs: int) -> list[str]:
     """compare's verdict in words: the final difference, the speed-up (or none), epoch times."""
     final = Difference(**evidence["final_difference"])
     n = final.n
@@ -300,14 +305,14 @@ def compare_verdict(evidence: dict, epochs: int) -> list[str]:
     return lines
 
 
-def sweep_evidence(finals: list[dict]) -> list[dict]:
+def sweep_evidence(finals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per budget and TrAct variant (λ): the paired difference to the baseline and its verdict,
     in top-1 and, where recorded, top-5 accuracy."""
     acc = {metric: _by_seed(finals, "epochs", field) for metric, field in METRICS.items()}
     rows = []
     for budget in sorted(acc["top1"].get("baseline", {})):
         for name in sorted(v for v in acc["top1"] if v != "baseline"):
-            row: dict = {"epochs": budget, "variant": name}
+            row: dict[str, Any] = {"epochs": budget, "variant": name}
             for metric, by in acc.items():
                 base, tract = by["baseline"].get(budget, {}), by[name].get(budget, {})
                 if not set(tract) & set(base):

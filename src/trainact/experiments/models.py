@@ -90,7 +90,9 @@ class Downsample(nn.Sequential):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x[:, :, :: self.stride, :: self.stride])
+        strided = x[:, :, :: self.stride, :: self.stride]
+        out: Tensor = super().forward(strided)  # type: ignore[no-untyped-call]  # unannotated
+        return out
 
 
 class ResNet(nn.Module):
@@ -99,6 +101,12 @@ class ResNet(nn.Module):
     ``max_pool`` and ``kaiming_init`` (``kaiming_normal_(mode="fan_out")`` for every
     convolution) give the authors' CIFAR-10 network; without them it is weiaicunzai's.
     """
+
+    # the four stages, added by name in __init__
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(
         self,
@@ -130,7 +138,8 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, classes)
         out = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.fc(out.mean((2, 3)))
+        logits: Tensor = self.fc(out.mean((2, 3)))
+        return logits
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,8 @@ class MultiHeadSelfAttention(nn.Module):
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         attn = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(self.feats))
-        return self.o(attn.transpose(1, 2).flatten(2))
+        out: Tensor = self.o(attn.transpose(1, 2).flatten(2))
+        return out
 
 
 class TransformerEncoder(nn.Module):
@@ -186,8 +196,9 @@ class TransformerEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, tokens, hidden)
-        out = self.msa(self.la1(x)) + x
-        return self.mlp(self.la2(out)) + out
+        out: Tensor = self.msa(self.la1(x)) + x
+        mixed: Tensor = self.mlp(self.la2(out))
+        return mixed + out
 
 
 class ViT(nn.Module):
@@ -217,7 +228,8 @@ class ViT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, classes)
         out = self.emb(self._to_words(x))  # (B, patch², hidden)
         out = torch.cat([self.cls_token.repeat(out.size(0), 1, 1), out], dim=1) + self.pos_emb
-        return self.fc(self.enc(out)[:, 0])
+        logits: Tensor = self.fc(self.enc(out)[:, 0])
+        return logits
 
     def _to_words(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, patch², patch_size² · C), a word's pixels by row, column, channel."""
@@ -226,7 +238,9 @@ class ViT(nn.Module):
         return out.reshape(x.size(0), self.patch**2, -1)
 
 
-def _authors(block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, int]):
+def _authors(
+    block: type[BasicBlock | Bottleneck], depths: tuple[int, int, int, int]
+) -> Callable[[int, int], nn.Module]:
     """A ResNet of the authors' CIFAR-10 example (max-pool, kaiming fan_out) by its depths."""
     widths = (64, 128, 256, 512)
     return lambda c, s: ResNet(block, depths, widths, c, max_pool=True, kaiming_init=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -23,6 +24,13 @@ from trainact.experiments.evidence import (  # noqa: E402
 )
 from trainact.experiments.rundir import read_json, read_jsonl, write_atomic  # noqa: E402
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+#: variant -> [(x, mean, std)]: one curve of a figure
+Points = dict[str, list[tuple[float, float, float]]]
+
 COLORS = {"baseline": "tab:blue", "tract": "tab:red"}
 LABELS = {"baseline": "baseline", "tract": "TrAct"}
 X_AXES = ("epoch", "time")
@@ -35,9 +43,7 @@ def _field(metric: str) -> str:
     return METRICS[metric]
 
 
-def curve_points(
-    records: list[dict], x: str, metric: str = "top1"
-) -> dict[str, list[tuple[float, float, float]]]:
+def curve_points(records: list[dict[str, Any]], x: str, metric: str = "top1") -> Points:
     """variant -> [(x, mean, std) of test accuracy] per epoch; x is the epoch or, for "time",
     the wall-clock seconds of training up to the end of that epoch, averaged over seeds."""
     if x not in X_AXES:
@@ -61,7 +67,7 @@ def curve_points(
     return points
 
 
-def _require(points: dict, metric: str) -> dict:
+def _require(points: dict[str, Any], metric: str) -> dict[str, Any]:
     if not points:
         raise ValueError(
             f"the records hold no {metric} accuracy (it is recorded for more than 5 classes)"
@@ -69,11 +75,11 @@ def _require(points: dict, metric: str) -> dict:
     return points
 
 
-def _seeds(records: list[dict]) -> int:
+def _seeds(records: list[dict[str, Any]]) -> int:
     return len({r["seed"] for r in records})
 
 
-def _draw_panel(ax, points, xlabel: str, ylabel: str, title: str, seeds: int) -> None:
+def _draw_panel(ax: Axes, points: Points, xlabel: str, ylabel: str, title: str, seeds: int) -> None:
     names = sorted(points, key=lambda n: (n != "baseline", float(n.partition("=")[2] or 0), n))
     shades = plt.get_cmap("autumn")
     for i, name in enumerate(names):
@@ -98,7 +104,7 @@ def _draw_panel(ax, points, xlabel: str, ylabel: str, title: str, seeds: int) ->
     ax.legend(handles=[*ax.get_legend_handles_labels()[0], band])
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
@@ -106,7 +112,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_curves(
-    records: list[dict],
+    records: list[dict[str, Any]],
     path: Path,
     title: str = "",
     x: tuple[str, ...] = X_AXES,
@@ -124,7 +130,9 @@ def plot_curves(
     return _save(fig, path)
 
 
-def plot_budgets(records: list[dict], path: Path, title: str = "", metric: str = "top1") -> Path:
+def plot_budgets(
+    records: list[dict[str, Any]], path: Path, title: str = "", metric: str = "top1"
+) -> Path:
     """Final test accuracy against epoch budget (a log axis labelled 1 2 4 8 ...), mean ± std
     over seeds."""
     points = {
@@ -140,7 +148,9 @@ def plot_budgets(records: list[dict], path: Path, title: str = "", metric: str =
     return _save(fig, path)
 
 
-def plot_lams(records: list[dict], path: Path, title: str = "", metric: str = "top1") -> Path:
+def plot_lams(
+    records: list[dict[str, Any]], path: Path, title: str = "", metric: str = "top1"
+) -> Path:
     """A λ sweep: TrAct's final accuracy against λ, one line per budget, mean ± std over seeds
     (error bars); the baseline of each budget as a dashed line with its ± std band."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -228,11 +238,16 @@ def saved_title(directory: Path) -> str:
             saved = read_json(path)
         except ValueError:
             continue
-        if isinstance(saved, dict) and isinstance(saved.get("title"), str):
-            return saved["title"]
-        job = saved.get("config", {}) if isinstance(saved, dict) else {}
+        if not isinstance(saved, dict):
+            continue
+        title = saved.get("title")
+        if isinstance(title, str):
+            return title
+        job = saved.get("config", {})
         job = job if "config" in job else saved  # a sweep's summary nests its job identity
-        config = job.get("config", {}) if isinstance(job, dict) else {}
+        if not isinstance(job, dict):
+            continue
+        config = job.get("config", {})
         if isinstance(config, dict) and "model" in config and "dataset" in config:
             return figure_title(config["model"], config["dataset"], len(job.get("seeds", [])))
     return ""

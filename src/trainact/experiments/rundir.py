@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from filelock import FileLock, Timeout
 
@@ -38,13 +38,13 @@ _TMP_SUFFIX = ".tmp"
 
 @contextmanager
 def claim(
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     kind: str,
-    identity: dict,
+    identity: dict[str, Any],
     *,
     resume: bool = True,
     mutable: Collection[str] = (),
-    env: dict | None = None,
+    env: dict[str, Any] | None = None,
 ) -> Iterator[bool]:
     """Hold ``out`` for a job of ``kind`` and ``identity`` (a JSON-able dict) for a ``with``
     block; yields True when the directory already held this job (a resume).
@@ -101,7 +101,7 @@ def claim(
         yield True
 
 
-def saved_job(out: str | os.PathLike, kind: str) -> dict:
+def saved_job(out: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     """The ``job.json`` of the ``kind`` job in ``out``, for a resume that reuses its values.
 
     Raises:
@@ -117,7 +117,7 @@ def saved_job(out: str | os.PathLike, kind: str) -> dict:
     return saved
 
 
-def read_job(out: Path) -> dict | None:
+def read_job(out: Path) -> dict[str, Any] | None:
     """``out/job.json`` as a dict, None when absent; ValueError naming the file when corrupt."""
     path = out / JOB_FILE
     if not path.exists():
@@ -128,7 +128,7 @@ def read_job(out: Path) -> dict | None:
     return job
 
 
-def _check_kind(out: Path, saved: dict, kind: str) -> None:
+def _check_kind(out: Path, saved: dict[str, Any], kind: str) -> None:
     if saved["kind"] != kind:
         raise FileExistsError(
             f"{out} belongs to a {saved['kind']} job (see {out / JOB_FILE}); "
@@ -136,7 +136,9 @@ def _check_kind(out: Path, saved: dict, kind: str) -> None:
         )
 
 
-def differences(saved: dict, current: dict, mutable: Collection[str] = ()) -> list[str]:
+def differences(
+    saved: dict[str, Any], current: dict[str, Any], mutable: Collection[str] = ()
+) -> list[str]:
     """``"field: saved value, given value"`` for every field that differs, nested dicts
     flattened (a configuration's fields are named alone)."""
     old, new = _flatten(saved), _flatten(current)
@@ -150,14 +152,14 @@ def differences(saved: dict, current: dict, mutable: Collection[str] = ()) -> li
 _UNSET = object()
 
 
-def _flatten(job: dict) -> dict:
-    flat = {}
+def _flatten(job: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
     for k, v in job.items():
         flat.update(v if isinstance(v, dict) else {k: v})
     return flat
 
 
-def _show(values: dict, key: str) -> str:
+def _show(values: dict[str, Any], key: str) -> str:
     return json.dumps(values[key]) if key in values else "(unset)"
 
 
@@ -190,7 +192,7 @@ def _locked(out: Path, kind: str) -> Iterator[None]:
 # Files: strict reading, atomic rewriting, errors that name the path.
 
 
-def named(err: OSError, path: str | os.PathLike) -> OSError:
+def named(err: OSError, path: str | os.PathLike[str]) -> OSError:
     """``err`` naming ``path`` (writing to a full disk fails without a file name)."""
     if err.errno is None:
         return OSError(f"{path}: {err}")
@@ -209,7 +211,7 @@ def read_json(path: Path) -> object:
         raise ValueError(f"{path}, line {err.lineno}: corrupt JSON ({err.msg})") from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines log. An unfinished or unparseable last line is the record that
     was being written when a job was killed and is dropped; any other bad line is an error."""
     try:
@@ -268,11 +270,11 @@ def write_json(path: Path, obj: object) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one record as one line (one write: a kill leaves at most an unfinished last line)."""
     try:
         with path.open("a") as f:

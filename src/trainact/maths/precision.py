@@ -161,7 +161,9 @@ HOST_SOLVE = Precision(SPLIT_FLOAT32, True, False, "no float64 on the device")
 def ieee_float32_matmul() -> Iterator[None]:
     """Full float32 matmuls inside the block (no TF32 on CUDA, no bf16/TF32 in oneDNN on the
     CPU), whatever the user's global setting; the setting is restored afterwards."""
-    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    cuda = torch.backends.cuda.matmul
+    # torch.backends.mkldnn is replaced at import by a module object that has .matmul
+    mkldnn = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
     saved = cuda.fp32_precision, mkldnn.fp32_precision
     cuda.fp32_precision = mkldnn.fp32_precision = "ieee"
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from types import EllipsisType
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ def chunk_bytes(device: torch.device) -> int:
 #: :meth:`PatchStatistics.add_chunk` should compute them.
 Chunk = tuple[Tensor, "Tensor | None"]
 
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: A layer TrAct supports (or a subclass of one that keeps its forward).
+Layer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+SUPPORTED_TYPES: tuple[type[Layer], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LinearAdapter:
@@ -232,7 +235,7 @@ class ConvAdapter:
     def grad_rows(self, grad: Tensor) -> Tensor:
         """The output gradient ``(b, out, *out_size)`` as ``(groups, n, out/groups)``."""
         grad = self._batched(grad)
-        per_group = grad.unflatten(1, (self.groups, -1))  # (b, g, out/g, *S)
+        per_group: Tensor = grad.unflatten(1, (self.groups, -1))  # (b, g, out/g, *S)
         order = [1, 0, *range(3, per_group.dim()), 2]
         return per_group.permute(order).reshape(self.groups, -1, per_group.shape[2])
 
@@ -256,12 +259,14 @@ class ConvAdapter:
         the input's contiguous last dimension."""
         n_sp = self.spatial
         # (b, C, *S) -> (b, g, C/g, *S) -> unfold each spatial dim: (b, g, C/g, *out, *span)
-        v = x.unflatten(1, (self.groups, -1))
+        v: Tensor = x.unflatten(1, (self.groups, -1))
         for i in range(n_sp):
             span = self.dilation[i] * (self.kernel_size[i] - 1) + 1
             v = v.unfold(3 + i, span, self.stride[i])
         if any(d > 1 for d in self.dilation):
-            v = v[(..., *(slice(None, None, d) for d in self.dilation))]
+            every_dth: tuple[EllipsisType | slice, ...]
+            every_dth = (..., *(slice(None, None, d) for d in self.dilation))
+            v = v[every_dth]
         return v.permute([1, 2, *range(3 + n_sp, 3 + 2 * n_sp), 0, *range(3, 3 + n_sp)])
 
 
@@ -280,7 +285,7 @@ def _var_mean(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
 Adapter = LinearAdapter | ConvAdapter
 
 
-def adapter_for(layer: nn.Module) -> Adapter:
+def adapter_for(layer: Layer) -> Adapter:
     """The adapter of a layer that :func:`trainact.nn.checks.check_supported` accepted."""
     return (
         LinearAdapter(layer.in_features) if isinstance(layer, nn.Linear) else ConvAdapter.of(layer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ def validate_lam(lam: Any) -> float:
 
 def validate_settings(lam: Any, statistics_dtype: Any, process_group: Any) -> float:
     """Check every setting of :func:`trainact.TrAct`; returns λ as a float."""
-    lam = validate_lam(lam)
+    value = validate_lam(lam)
     if statistics_dtype not in STATISTICS_DTYPES:
         raise ValueError(
             "statistics_dtype must be None, torch.float32 or torch.float64, "
@@ -48,7 +49,7 @@ def validate_settings(lam: Any, statistics_dtype: Any, process_group: Any) -> fl
             f'process_group must be "auto", None or a torch.distributed.ProcessGroup, '
             f"got {process_group!r}"
         )
-    return lam
+    return value
 
 
 # ---- the layer and the model ---------------------------------------------------------------
@@ -65,6 +66,7 @@ def check_supported(cls: type[nn.Module]) -> None:
         if issubclass(cls, base) and cls.forward is base.forward:
             if (
                 issubclass(cls, nn.modules.conv._ConvNd)
+                and not issubclass(base, nn.Linear)
                 and cls._conv_forward is not base._conv_forward
             ):
                 break
@@ -80,12 +82,14 @@ def weight_parameter(layer: nn.Module) -> Tensor:
     """The layer's weight Parameter (its original under parametrize, weight_norm or
     spectral_norm), read without running a parametrization (spectral_norm's power iteration
     would change the model)."""
-    for source in (
+    sources: tuple[Callable[[], Tensor | None], ...] = (
         lambda: layer._parameters["weight"],
-        lambda: next(layer.parametrizations.weight.parameters()),  # original, or original0/1
+        # original, or original0/1
+        lambda: next(layer.get_submodule("parametrizations.weight").parameters()),
         lambda: layer._parameters["weight_orig"],
         lambda: layer._parameters["weight_v"],
-    ):
+    )
+    for source in sources:
         try:
             weight = source()
         except (AttributeError, KeyError, StopIteration):

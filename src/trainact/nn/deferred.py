@@ -86,9 +86,10 @@ def _forget_if_cleared(entry: _Pending, weight: Tensor) -> None:
     if entry.kept is None:
         return
     grad = weight.grad
-    same = grad is not None and entry.grad is not None and entry.grad() is grad
-    if same and grad._version != entry.version:
-        same = bool(grad.any())  # changed in place: cleared if zeroed (zero_grad(False))
+    if grad is None or entry.grad is None or entry.grad() is not grad:
+        same = False
+    else:  # changed in place: cleared if zeroed (zero_grad(False))
+        same = grad._version == entry.version or bool(grad.any())
     if not same:
         entry.cleared, entry.kept, entry.grad = _merge(entry.cleared, entry.kept), None, None
 
@@ -107,8 +108,10 @@ def _accumulated(layer_ref: weakref.ref[nn.Module], param: Tensor) -> None:
     entry = None if layer is None else _pending.get(layer)
     if entry is None or entry.task != torch._C._current_graph_task_id():
         return
+    grad = param.grad
+    assert grad is not None  # the hook runs once the gradient is accumulated into it
     entry.accumulated = True
-    entry.grad, entry.version = weakref.ref(param.grad), param.grad._version
+    entry.grad, entry.version = weakref.ref(grad), grad._version
 
 
 def _end_of_pass(entry: _Pending, label: str) -> None:

@@ -9,6 +9,7 @@ them (a ``TorchFunctionMode`` plus forward pre-hooks). Both apply the same rule:
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,7 @@ class _Meeting:
 
     def describe(self) -> str:
         if self.function is None:
+            assert self.module is not None  # a layer's forward: the layer
             if isinstance(self.module, SUPPORTED_TYPES):
                 return self.name or "<model>"
             return f"{self.name or '<model>'} ({_torch_name(self.module)})"
@@ -281,7 +283,13 @@ class _TaintMode(TorchFunctionMode):
         if meeting not in self.meetings:
             self.meetings.append(meeting)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+    def __torch_function__(  # noqa: D105
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.inside_layer or func in _FROM_METADATA_FUNCTIONS:
@@ -301,7 +309,7 @@ class _TaintMode(TorchFunctionMode):
                 self.tainted[t] = True
         return out
 
-    def pre_hook(self, name: str):
+    def pre_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
             hit = not self.inside_layer and self._any_tainted(tree_leaves((args, kwargs)))
             if hit:
@@ -316,7 +324,7 @@ class _TaintMode(TorchFunctionMode):
         self.inside_layer -= int(self.entered.pop())
 
 
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(example_inputs, Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, tuple):

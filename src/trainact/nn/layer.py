@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, SupportsIndex, cast
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -34,7 +36,7 @@ from trainact.maths import PatchStatistics
 from trainact.maths.precision import Precision, precision_for
 from trainact.maths.rows import row_inverse, transform_output_grad
 from trainact.nn import checks, deferred
-from trainact.nn.adapters import Adapter, adapter_for
+from trainact.nn.adapters import Adapter, Layer, adapter_for
 from trainact.nn.statistics import log_once, patch_statistics
 
 #: The attribute of an enabled layer that holds its :class:`TrActState`.
@@ -87,16 +89,17 @@ class _Reduction:
 
     __slots__ = ("stats", "group", "work")
 
-    def __init__(self, stats: PatchStatistics, group: Any) -> None:
-        self.stats, self.group, self.work = stats, group, None
+    def __init__(self, stats: PatchStatistics, group: dist.ProcessGroup) -> None:
+        self.stats, self.group = stats, group
+        self.work: dist.Work | None = None
 
-    def start(self) -> None:
+    def start(self) -> dist.Work:
         if self.work is None:
             self.work = distributed.all_reduce_async(self.stats.data, self.group)
+        return self.work
 
     def wait(self) -> None:
-        self.start()
-        self.work.wait()
+        self.start().wait()
 
 
 class ReduceInBackward(torch.autograd.Function):
@@ -105,12 +108,12 @@ class ReduceInBackward(torch.autograd.Function):
     that it overlaps them."""
 
     @staticmethod
-    def forward(ctx, output, reduction):  # noqa: D102
+    def forward(ctx: Any, output: Tensor, reduction: _Reduction) -> Tensor:  # noqa: D102
         ctx.reduction = reduction
         return output.view_as(output)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
         ctx.reduction.start()
         return grad, None
 
@@ -123,7 +126,14 @@ class PreconditionWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, stats, state, layer, reduction):  # noqa: D102
+    def forward(  # noqa: D102
+        ctx: Any,
+        weight: Tensor,
+        stats: PatchStatistics,
+        state: TrActState,
+        layer: Layer,
+        reduction: _Reduction | None,
+    ) -> Tensor:
         # Kept on ctx, not saved: non-reentrant checkpointing would otherwise hand backward the
         # recomputed statistics.
         ctx.stats, ctx.state, ctx.layer, ctx.reduction = stats, state, layer, reduction
@@ -131,7 +141,7 @@ class PreconditionWeight(torch.autograd.Function):
         return weight.view_as(weight)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: D102
         stats, state = ctx.stats, ctx.state
         if state.defer:
             deferred.accumulate(ctx.layer, state, stats, ctx.weight)
@@ -148,14 +158,25 @@ class RowForm(torch.autograd.Function):
     dtype; the bias gets ΣD. (The input has no gradient on this path.)"""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, inverse, layer, adapter):  # noqa: D102
+    def forward(  # noqa: D102
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        rows: Tensor,
+        inverse: Tensor,
+        layer: Layer,
+        adapter: Adapter,
+    ) -> Tensor:
         ctx.rows, ctx.inverse, ctx.adapter = rows, inverse, adapter
         ctx.weight_meta = weight.shape, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return layer_forward(layer, x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(  # noqa: D102
+        ctx: Any, grad: Tensor
+    ) -> tuple[None, Tensor | None, Tensor | None, None, None, None, None]:
         adapter, rows = ctx.adapter, ctx.rows
         dtype = torch.promote_types(rows.dtype, torch.float32)
         transformed = transform_output_grad(adapter.grad_rows(grad), ctx.inverse, dtype)
@@ -167,14 +188,15 @@ class RowForm(torch.autograd.Function):
         return None, weight_grad, bias, None, None, None, None
 
 
-def layer_forward(layer: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def layer_forward(layer: Layer, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The plain layer's forward with the given weight and bias tensors."""
     if isinstance(layer, nn.Linear):
         return F.linear(input, weight, bias)
-    return layer._conv_forward(input, weight, bias)
+    output: Tensor = layer._conv_forward(input, weight, bias)
+    return output
 
 
-def tract_forward(layer: nn.Module, state: TrActState, input: Tensor) -> Tensor:
+def tract_forward(layer: Layer, state: TrActState, input: Tensor) -> Tensor:
     """The layer's forward with TrAct: plain in eval mode, under no_grad or with a frozen
     weight; otherwise the weight's gradient is preconditioned (:func:`_preconditioned_forward`)."""
     weight = layer.weight  # read once (parametrizations run here)
@@ -189,16 +211,18 @@ def tract_forward(layer: nn.Module, state: TrActState, input: Tensor) -> Tensor:
 
 
 @functools.cache
-def _eagerly() -> Any:
+def _eagerly() -> Callable[[Layer, TrActState, Tensor, Tensor], Tensor]:
     """:func:`_preconditioned_forward` run eagerly under torch.compile: deferred statistics
     (Python state) and asynchronous collectives (Work handles) do not trace, so this layer runs
     eagerly and the rest stays compiled. Made on first use (torch.compiler.disable imports
     dynamo)."""
-    return torch.compiler.disable(_preconditioned_forward)
+    eager: Callable[[Layer, TrActState, Tensor, Tensor], Tensor]
+    eager = torch.compiler.disable(_preconditioned_forward)
+    return eager
 
 
 def _preconditioned_forward(
-    layer: nn.Module, state: TrActState, input: Tensor, weight: Tensor
+    layer: Layer, state: TrActState, input: Tensor, weight: Tensor
 ) -> Tensor:
     adapter = adapter_for(layer)
     x = input.detach()
@@ -216,12 +240,21 @@ def _preconditioned_forward(
         else:
             inverse = None
             stats = patch_statistics(adapter, patches, precision, state)
+    # (torch leaves autograd.Function.apply unannotated: each returns its forward's tensor)
     if inverse is not None:  # the n×n form
-        return RowForm.apply(x, weight, layer.bias, rows, inverse, layer, adapter)
+        row_output: Tensor = RowForm.apply(  # type: ignore[no-untyped-call]
+            x, weight, layer.bias, rows, inverse, layer, adapter
+        )
+        return row_output
     reduction = None if group is None else _Reduction(stats, group)
-    routed = PreconditionWeight.apply(weight, stats, state, layer, reduction)
+    routed: Tensor = PreconditionWeight.apply(  # type: ignore[no-untyped-call]
+        weight, stats, state, layer, reduction
+    )
     output = layer_forward(layer, input, routed, layer.bias)
-    return output if reduction is None else ReduceInBackward.apply(output, reduction)
+    if reduction is None:
+        return output
+    reduced: Tensor = ReduceInBackward.apply(output, reduction)  # type: ignore[no-untyped-call]
+    return reduced
 
 
 def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Precision) -> bool:
@@ -234,7 +267,7 @@ def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Pre
     return 0 < n < limit and not state.defer and not input.requires_grad
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """Autocast off for the statistics, on devices that have autocast."""
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
@@ -251,6 +284,10 @@ class TrActLayer(nn.Module):
 
     _trainact_base: type[nn.Module]
 
+    if TYPE_CHECKING:  # from _LinearForward or _ConvForward, mixed into every generated class
+
+        def _plain_forward(self, input: Tensor) -> Tensor: ...
+
     def forward(self, input: Tensor) -> Tensor:  # noqa: D102
         if torch.jit.is_scripting():
             if self.training:
@@ -266,16 +303,24 @@ class TrActLayer(nn.Module):
     def _tract_call(self, input: Tensor) -> Tensor:
         state = self.__dict__.get(STATE)
         if state is None:  # removed while the class could not be restored (see disable)
-            return self._trainact_base.forward(self, input)
-        return tract_forward(self, state, input)
+            plain: Tensor = self._trainact_base.forward(self, input)
+            return plain
+        # every generated class derives from a supported layer (checks.check_supported)
+        return tract_forward(cast(Layer, self), state, input)
 
-    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
         # The generated class cannot be imported by name: rebuild it from the layer's own class.
-        return (_rebuild, (self._trainact_base,), self.__getstate__())
+        # (Module.__getstate__ is unannotated; parametrize's class overrides it to refuse)
+        state = self.__getstate__()  # type: ignore[no-untyped-call]
+        return (_rebuild, (self._trainact_base,), state)
 
 
 class _LinearForward:
     """The plain forward of a Linear, in a form TorchScript compiles."""
+
+    if TYPE_CHECKING:  # the attributes of the nn.Linear this is mixed into
+        weight: Tensor
+        bias: Tensor | None
 
     def _plain_forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
@@ -283,6 +328,12 @@ class _LinearForward:
 
 class _ConvForward:
     """The plain forward of a ConvNd, in a form TorchScript compiles."""
+
+    if TYPE_CHECKING:  # the attributes of the nn.Conv1d/2d/3d this is mixed into
+        weight: Tensor
+        bias: Tensor | None
+
+        def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
 
     def _plain_forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight, self.bias)
@@ -363,5 +414,5 @@ def disable(layer: nn.Module) -> None:
     cls = type(layer)
     if cls in _PARAMETRIZED_ORIGINAL:
         layer.__class__ = _PARAMETRIZED_ORIGINAL[cls]
-    elif cls in _CLASSES.values():
+    elif issubclass(cls, TrActLayer) and cls in _CLASSES.values():
         layer.__class__ = cls._trainact_base

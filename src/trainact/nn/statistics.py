@@ -129,7 +129,18 @@ def _patch_statistics_op(
 
 
 @_patch_statistics_op.register_fake
-def _(x, spec, padding_mode, lam, product, host_solve, fast_float64, device, label, world):
+def _(
+    x: Tensor,
+    spec: list[int],
+    padding_mode: str,
+    lam: Tensor,
+    product: str,
+    host_solve: bool,
+    fast_float64: bool,
+    device: str,
+    label: str,
+    world: int,
+) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
     size = adapter.groups * adapter.dim * adapter.dim + 1
     return x.new_empty(size, dtype=torch.float64, device="cpu" if host_solve else x.device)

@@ -69,7 +69,9 @@ def on_step(optimizer: Any, finish: Callable[[], Any]) -> RemovableHandle:
     return handle
 
 
-def _before_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
+def _before_step(
+    optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     calls = _on_step.get(optimizer)
     if not calls and not deferred.pending_layers():
         return None
