@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -331,3 +332,20 @@ def test_the_main_job_is_three_epochs_of_five_seeds_on_one_thread(monkeypatch):
     )
     assert cfg.train_subset is None and cfg.test_subset is None  # all 10,000 and 2,000 images
     assert called["seeds"] == [0, 1, 2, 3, 4] and called["threads"] == 1
+
+
+def test_help_and_version_import_no_training_code():
+    """--help and --version parse before importing the experiments' heavy modules (matplotlib,
+    Pillow, the trainer and data code): they answer as fast as importing torch."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from trainact.experiments.cli import main\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "heavy = ['matplotlib', 'PIL', 'trainact.experiments.train', 'trainact.experiments.data']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -298,3 +298,26 @@ def test_compile_inductor_dynamic_is_exact(device):
             m.zero_grad(set_to_none=True)
             f(x).square().mean().backward()
         assert relative_error(net[0].weight.grad, eager[0].weight.grad) < 1e-6
+
+
+def test_compiled_cpu_statistics_still_choose_float32_where_accurate(monkeypatch):
+    """Under torch.compile the CPU's data-dependent float32/float64 choice runs inside the
+    custom operator: standardized inputs get the float32 product, raw pixels float64."""
+    from trainact.nn import statistics
+
+    torch._dynamo.reset()
+    chosen = []
+    original = statistics._accumulate
+    monkeypatch.setattr(
+        statistics,
+        "_accumulate",
+        lambda stats, adapter, x, mean, dtype: (
+            chosen.append(dtype) or original(stats, adapter, x, mean, dtype)
+        ),
+    )
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    trainact.apply(net)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    compiled(torch.randn(4, 3, 8, 8)).sum().backward()
+    compiled(255 * torch.rand(4, 3, 8, 8)).sum().backward()
+    assert chosen == [torch.float32, torch.float64]

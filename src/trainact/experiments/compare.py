@@ -6,7 +6,6 @@ Each run is announced as "run k of N" with an estimate of the time left over all
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from trainact.experiments.train import (
     resolve_device,
     train,
 )
+from trainact.nn.checks import validate_lam
 
 
 def _distinct(name: str, values: Sequence[int]) -> list[int]:
@@ -320,12 +320,9 @@ def _sweep(
 
 def validate_lams(lams: Sequence[float]) -> tuple[float, ...]:
     """The λ values of a sweep: at least one, each positive and finite, none repeated."""
-    lams = tuple(float(lam) for lam in lams)
     if not lams:
         raise ValueError("lams must name at least one λ")
-    bad = [lam for lam in lams if not (lam > 0 and math.isfinite(lam))]
-    if bad:
-        raise ValueError(f"every λ must be a positive number, got {bad}")
+    lams = tuple(validate_lam(lam) for lam in lams)
     repeated = sorted({lam for lam in lams if lams.count(lam) > 1})
     if repeated:
         raise ValueError(f"λ values repeated: {repeated}; each would be trained once")
