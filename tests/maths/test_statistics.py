@@ -3,12 +3,19 @@ to the raw second moments, and the split float32 product is accurate without flo
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainact.maths import PatchStatistics, precondition
-from trainact.maths.statistics import SPLIT_BITS, SPLIT_BLOCK, SplitSums, split_quantum
+from trainact.maths.statistics import (
+    SPLIT_BITS,
+    SPLIT_BLOCK,
+    SplitSums,
+    gram_product,
+    split_quantum,
+)
 
 F64 = torch.float64
 
@@ -110,3 +117,10 @@ def test_split_product_exact_part_is_exact_and_small_enough_for_tf32():
 def test_split_quantum_keeps_non_finite_input_non_finite():
     q = split_quantum(torch.tensor([[1.0, float("inf"), float("nan"), 0.0]]))
     assert q[0, 0] == 2**-7 and not q[0, 1:3].isfinite().any() and q[0, 3] > 0
+
+
+@pytest.mark.parametrize("d", [5, 130, 300])
+def test_gram_product_by_blocks_equals_the_full_product(d):
+    """Above d = 128 only the upper blocks are multiplied and mirrored: the same Σ yyᵀ."""
+    y = torch.randn(2, d, 57, dtype=F64)
+    torch.testing.assert_close(gram_product(y), y @ y.mT, rtol=1e-12, atol=1e-12)
