@@ -143,3 +143,14 @@ def test_any_lambda_on_rank_deficient_input_is_finite(device, shape, statistics_
     x = 200 + torch.arange(12.0, device=device).expand(*shape)
     layer(x).square().mean().backward()
     assert layer.weight.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("where", ["diagonal", "off-diagonal", "last diagonal"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_cholesky_finite_is_nan_for_any_non_finite_entry(device64, where, value):
+    """A non-finite entry anywhere gives an all-NaN factor, also where LAPACK reports success
+    (an infinite last diagonal entry factors 'successfully' into an infinite one)."""
+    a = (2 * torch.eye(4, dtype=F64)).to(device64)
+    i, j = {"diagonal": (1, 1), "off-diagonal": (3, 1), "last diagonal": (3, 3)}[where]
+    a[i, j] = a[j, i] = value
+    assert cholesky_finite(a).isnan().all()

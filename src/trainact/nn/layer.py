@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from trainact import distributed
 from trainact.maths import PatchStatistics
 from trainact.maths.precision import Precision, precision_for
-from trainact.maths.rows import row_inverse, transform_output_grad
+from trainact.maths.rows import CenteredRows, center, row_inverse, weight_grad
 from trainact.nn import checks, deferred
 from trainact.nn.adapters import Adapter, Layer, adapter_for
 from trainact.nn.statistics import log_once, patch_statistics
@@ -154,8 +154,8 @@ class PreconditionWeight(torch.autograd.Function):
 class RowForm(torch.autograd.Function):
     """The layer's op in the n×n form (:mod:`trainact.maths.rows`): its own forward; in
     backward the weight gradient is (M·D)ᵀ·X per group, from the output gradient D and the
-    patch rows X (n < d: a small matrix), computed in at least float32 whatever the layer's
-    dtype; the bias gets ΣD. (The input has no gradient on this path.)"""
+    centered patch rows (n < d: a small matrix), computed in at least float32 whatever the
+    layer's dtype; the bias gets ΣD. (The input has no gradient on this path.)"""
 
     @staticmethod
     def forward(  # noqa: D102
@@ -163,12 +163,15 @@ class RowForm(torch.autograd.Function):
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        rows: Tensor,
+        extended: Tensor,
+        row_shift: Tensor,
         inverse: Tensor,
         layer: Layer,
         adapter: Adapter,
     ) -> Tensor:
-        ctx.rows, ctx.inverse, ctx.adapter = rows, inverse, adapter
+        # the parts of CenteredRows as tensor arguments: torch.compile keeps their sizes dynamic
+        ctx.rows, ctx.inverse = CenteredRows(extended, row_shift), inverse
+        ctx.adapter = adapter
         ctx.weight_meta = weight.shape, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return layer_forward(layer, x, weight, bias)
@@ -176,16 +179,15 @@ class RowForm(torch.autograd.Function):
     @staticmethod
     def backward(  # noqa: D102
         ctx: Any, grad: Tensor
-    ) -> tuple[None, Tensor | None, Tensor | None, None, None, None, None]:
-        adapter, rows = ctx.adapter, ctx.rows
-        dtype = torch.promote_types(rows.dtype, torch.float32)
-        transformed = transform_output_grad(adapter.grad_rows(grad), ctx.inverse, dtype)
-        weight_grad = None
+    ) -> tuple[None, Tensor | None, Tensor | None, None, None, None, None, None]:
+        adapter = ctx.adapter
+        grad_weight = None
         if ctx.needs_input_grad[1]:
             shape, weight_dtype = ctx.weight_meta
-            weight_grad = (transformed.mT @ rows.to(dtype)).reshape(shape).to(weight_dtype)
+            per_group = weight_grad(adapter.grad_rows(grad), ctx.inverse, ctx.rows)
+            grad_weight = per_group.reshape(shape).to(weight_dtype)
         bias = adapter.bias_grad(grad).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return None, weight_grad, bias, None, None, None, None
+        return None, grad_weight, bias, None, None, None, None, None
 
 
 def layer_forward(layer: Layer, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -233,7 +235,7 @@ def _preconditioned_forward(
     group = None if state.defer else distributed.resolve(state.process_group)
     with _no_autocast(input.device):
         if group is None and not x.is_nested and _row_form(state, adapter, input, precision):
-            rows = adapter.rows(x)
+            rows = center(adapter.rows(x))
             inverse = row_inverse(rows, state.lam, precision.host_solve)
             if not torch.compiler.is_compiling():
                 log_once(state.name, precision, state.lam, 1)
@@ -243,7 +245,7 @@ def _preconditioned_forward(
     # (torch leaves autograd.Function.apply unannotated: each returns its forward's tensor)
     if inverse is not None:  # the n×n form
         row_output: Tensor = RowForm.apply(  # type: ignore[no-untyped-call]
-            x, weight, layer.bias, rows, inverse, layer, adapter
+            x, weight, layer.bias, *rows, inverse, layer, adapter
         )
         return row_output
     reduction = None if group is None else _Reduction(stats, group)
