@@ -9,12 +9,12 @@ X's rows by 1/λ (for a float16 G, by far more than the answer), while the true 
 
 The rows are first written X = Z + a·1ᵀ + 1·bᵀ (b the mean row, a each row's mean after that;
 :func:`center`). Raw pixels, rows sharing a large offset or near-duplicate rows make X's entries
-far larger than Z's, and TᵀX (T = M·D) then cancels: computed from X in float32 it measured
-1e-2 off on near-duplicate rows and 1e-5 on over-exposed photos. So K = XXᵀ is formed in
-float64 as ZZᵀ plus rank-one terms (a float32 K measured up to 1e-2 off on features of mixed
-scales), on the CPU for a device without float64; M is the explicit inverse of its Cholesky
-factor, applied to D as one float64 product; and the gradient is TᵀZ in at least float32 plus
-the rank-one terms (Tᵀa)·1ᵀ + (Tᵀ1)·bᵀ.
+far larger than Z's, and TᵀX (T = M·D) computed from X in float32 then cancels (1.4e-2 off on the
+near-duplicate rows of ``tests/maths/test_rows.py``). So K = XXᵀ is formed in float64 as ZZᵀ
+plus rank-one terms (in float32, even centered, it loses the features whose scale is small
+beside the others'), on the CPU for a device without float64; M is the explicit inverse of its
+Cholesky factor, applied to D as one float64 product; and the gradient is TᵀZ in at least
+float32 plus the rank-one terms (Tᵀa)·1ᵀ + (Tᵀ1)·bᵀ.
 """
 
 from __future__ import annotations
