@@ -8,7 +8,7 @@ pairwise update). S and n are plain float64 sums, so micro-batches merge by addi
 processes by one all-reduce of a single packed tensor.
 
 The product Σ yyᵀ runs in float64, in float32 (accurate only for a small spread over λ), or
-split (:func:`split_product`): accurate in float32 alone, for devices without fast float64.
+split (:class:`SplitSums`): accurate in float32 alone, for devices without fast float64.
 """
 
 from __future__ import annotations

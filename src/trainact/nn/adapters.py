@@ -90,10 +90,6 @@ class LinearAdapter:
         """The output gradient as ``(1, n, out)``, row i belonging to patch i."""
         return grad.reshape(1, -1, grad.shape[-1])
 
-    def grad_from_rows(self, rows: Tensor, like: Tensor) -> Tensor:
-        """Inverse of :meth:`grad_rows`."""
-        return rows.reshape(like.shape)
-
     def bias_grad(self, grad: Tensor) -> Tensor:
         """The bias gradient from the output gradient, summed in at least float32."""
         dtype = torch.promote_types(grad.dtype, torch.float32)
@@ -238,14 +234,6 @@ class ConvAdapter:
         per_group: Tensor = grad.unflatten(1, (self.groups, -1))  # (b, g, out/g, *S)
         order = [1, 0, *range(3, per_group.dim()), 2]
         return per_group.permute(order).reshape(self.groups, -1, per_group.shape[2])
-
-    def grad_from_rows(self, rows: Tensor, like: Tensor) -> Tensor:
-        """Inverse of :meth:`grad_rows`, shaped and laid out like ``like``."""
-        batched = self._batched(like)
-        b, out, *size = batched.shape
-        v = rows.reshape(self.groups, b, *size, out // self.groups)
-        order = [1, 0, v.dim() - 1, *range(2, v.dim() - 1)]
-        return v.permute(order).reshape(like.shape)
 
     def bias_grad(self, grad: Tensor) -> Tensor:
         """The bias gradient from the output gradient, summed in at least float32."""
