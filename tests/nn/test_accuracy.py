@@ -97,12 +97,12 @@ def _record_products(monkeypatch) -> list[torch.dtype]:
     from trainact.nn import statistics
 
     chosen: list[torch.dtype] = []
-    original = statistics._accumulate
+    original = statistics._product
     monkeypatch.setattr(
         statistics,
-        "_accumulate",
-        lambda stats, adapter, x, mean, dtype: (
-            chosen.append(dtype) or original(stats, adapter, x, mean, dtype)
+        "_product",
+        lambda stats, adapter, x, mean, dtype, precision: (
+            chosen.append(dtype) or original(stats, adapter, x, mean, dtype, precision)
         ),
     )
     return chosen

@@ -1,6 +1,12 @@
 """The statistics of one call of a layer: its input's patches reduced to n and XᵀX, as the
 device's precision policy (:mod:`trainact.maths.precision`) says.
 
+The input is taken in bounded slices (sized by :func:`trainact.nn.adapters.chunk_budget`: cache
+sized on the CPU, a fraction of the device's memory elsewhere); each slice's patches are written
+once into a reused chunk buffer (centered on the channel means on the way, or split into the
+split product's parts) and multiplied there; the shift and cross terms are assembled once per
+call (:mod:`trainact.maths.statistics`).
+
 Under ``torch.compile`` the whole computation is one custom operator,
 ``trainact::patch_statistics``, that runs eagerly inside the compiled graph: its chunk loop, its
 data-dependent float32/float64 choice on the CPU and its TF32-off matmuls then never specialize
@@ -18,8 +24,14 @@ from torch import Tensor
 
 from trainact.distributed import world_size
 from trainact.maths import precision as policy
-from trainact.maths.statistics import PatchStatistics, SplitSums, split_quantum
-from trainact.nn.adapters import Adapter, adapter_from_spec
+from trainact.maths.statistics import (
+    ExtendedGram,
+    PatchStatistics,
+    SplitSums,
+    extended_buffer,
+    split_quantum,
+)
+from trainact.nn.adapters import Adapter, adapter_from_spec, chunk_budget
 
 if TYPE_CHECKING:
     from trainact.nn.layer import TrActState
@@ -43,6 +55,7 @@ def patch_statistics(
             precision.host_solve,
             precision.fast_float64,
             precision.device,
+            precision.memory or 0,
             state.name,
             world_size(state.process_group),
         )
@@ -62,34 +75,113 @@ def _compute(
     with policy.ieee_float32_matmul():
         spread, mean = adapter.moments(x)
         if precision.product == policy.SPLIT_FLOAT32:
-            largest = adapter.expand(adapter.largest(x, mean))
-            exact_dtype = torch.int64 if precision.host_solve else torch.float64
-            sums = SplitSums(split_quantum(largest), exact_dtype)
-            for chunk, _ in adapter.chunks(x, torch.float32, mean):
-                sums.add(chunk)
-            sums.add_to(stats, adapter.expand(mean))
+            _split_product(stats, adapter, x, mean, precision)
             return stats
         if precision.product == policy.CHECKED_FLOAT32 and n >= adapter.dim:
             limit = policy.float32_spread_limit(lam, adapter.dim)
             if spread.max() <= limit:  # the estimate; the product's own diagonal decides
                 trial = PatchStatistics.zeros(adapter.groups, adapter.dim, device)
-                if _accumulate(trial, adapter, x, mean, torch.float32).max() / n <= limit:
+                squares = _product(trial, adapter, x, mean, torch.float32, precision)
+                if squares.max() / n <= limit:
                     return trial
-        _accumulate(stats, adapter, x, mean, torch.float64)
+        _product(stats, adapter, x, mean, torch.float64, precision)
     return stats
 
 
-def _accumulate(
-    stats: PatchStatistics, adapter: Adapter, x: Tensor, mean: Tensor, dtype: torch.dtype
+def _columns(
+    adapter: Adapter, x: Tensor, precision: policy.Precision, per_column: int, per_element: int
+) -> int:
+    """Columns per chunk: the budget over the chunk buffers' bytes per column and the bytes of
+    the input-sized temporaries they are made from; at least the smallest piece the adapter
+    cuts (one row of outputs of one sample)."""
+    budget = chunk_budget(x.device, precision.memory)
+    cost = per_column + per_element * adapter.input_elements_per_column(x)
+    return max(adapter.smallest_piece(x), int(budget // cost))
+
+
+def _product(
+    stats: PatchStatistics,
+    adapter: Adapter,
+    x: Tensor,
+    mean: Tensor,
+    dtype: torch.dtype,
+    precision: policy.Precision,
 ) -> Tensor:
     """Add the patches of ``x`` centered on ``mean``, the product in ``dtype``; returns the
-    summed diagonal of Σ yyᵀ (the centered entries' squares)."""
-    mean = mean.to(dtype)  # the shift, exactly as the chunks subtract it
-    shift = adapter.expand(mean)
-    diagonal = torch.zeros(adapter.groups, adapter.dim, dtype=dtype, device=x.device)
-    for chunk, total in adapter.chunks(x, dtype, mean):
-        diagonal += stats.add_chunk(chunk, shift, total)
-    return diagonal
+    summed squares of the centered entries, ``(groups, d)``."""
+    groups, dim = adapter.groups, adapter.dim
+    shift = mean.to(dtype)  # subtracted exactly in float64, rounded once in float32
+    per_column = groups * (dim + 1) * dtype.itemsize
+    cols = _columns(adapter, x, precision, per_column, x.element_size())
+    buffer = extended_buffer(groups, dim, cols, dtype, x.device)
+    gram = ExtendedGram(groups, dim, x.device)
+    on_patches = adapter.entrywise(shift)
+    for part in adapter.slices(x, cols):
+        for piece in adapter.pieces(adapter.padded(part), cols):
+            width = piece.numel() // (groups * dim)
+            torch.sub(piece, on_patches, out=buffer[:, :dim, :width].view(piece.shape))
+            gram.add(buffer[..., :width])
+    gram.add_to(stats, adapter.expand(shift))
+    return gram.squares()
+
+
+def _split_product(
+    stats: PatchStatistics, adapter: Adapter, x: Tensor, mean: Tensor, precision: policy.Precision
+) -> None:
+    """Add the patches of ``x`` centered on ``mean`` by the split product (z = (x − mean)/q,
+    k = round(z)). Where the input is about as large as its patches (kernels that do not
+    overlap), z and k are made in chunk buffers from the patches; otherwise once per input
+    slice, in reused input-sized buffers (with zero padding, their padding is written once),
+    and the chunk buffers are written from their patches."""
+    groups, dim = adapter.groups, adapter.dim
+    quantum = split_quantum(adapter.largest(x, mean), mean)  # per channel
+    sums = SplitSums(adapter.expand(quantum), policy.int8_products(x.device))
+    scale = quantum.reciprocal()  # z = x·scale + offset, exactly (q is a power of two)
+    offset = (mean * scale).neg_()
+    on_patches = 2 * adapter.input_elements_per_column(x) > dim
+    per_column = SplitSums.bytes_per_column(groups, dim) + (8 * groups * dim if on_patches else 0)
+    per_element = x.element_size() if on_patches else 9  # float32 z and k, int8 k
+    cols = _columns(adapter, x, precision, per_column, per_element)
+    k_buffer, pair_buffer = sums.buffers(cols, adapter.num_patches(x))
+    if on_patches:
+        z_buffer = x.new_empty(2, groups, dim, k_buffer.shape[-1], dtype=torch.float32)
+        offset, scale = adapter.entrywise(offset), adapter.entrywise(scale)
+        for part in adapter.slices(x, cols):
+            for piece in adapter.pieces(adapter.padded(part), cols):
+                width = piece.numel() // (groups * dim)
+                z, rounded = z_buffer[..., :width]
+                torch.addcmul(offset, piece, scale, out=z.view(piece.shape))
+                torch.round(z, out=rounded)
+                k_buffer[:, :dim, :width].copy_(rounded)
+                sums.pair(z, rounded, pair_buffer[..., :dim, :width])
+                sums.add(k_buffer, pair_buffer, width)
+        sums.add_to(stats, adapter.expand(mean))
+        return
+    offset, scale = adapter.channelwise(offset), adapter.channelwise(scale)
+    inputs: tuple[Tensor, Tensor, Tensor] | None = None  # z, round(z), and that in int8
+    for part in adapter.slices(x, cols):
+        if adapter.zero_padding:
+            if inputs is None:  # the first slice is the largest
+                z = part.new_empty(adapter.padded_shape(part.shape), dtype=torch.float32)
+                if z.shape != part.shape:
+                    z.copy_(offset.expand_as(z))  # the padding's zeros, centered and scaled
+            else:
+                z = inputs[0][: len(part)]
+            torch.addcmul(offset, part, scale, out=adapter.unpadded(z))
+        else:
+            z = torch.addcmul(offset, adapter.padded(part), scale)
+        if inputs is None:
+            inputs = z, torch.empty_like(z), torch.empty_like(z, dtype=torch.int8)
+        rounded, k = torch.round(z, out=inputs[1][: len(part)]), inputs[2][: len(part)]
+        k.copy_(rounded)
+        views = (adapter.pieces(t, cols) for t in (z, rounded, k))
+        for z_piece, rounded_piece, k_piece in zip(*views, strict=True):
+            width = k_piece.numel() // (groups * dim)
+            k_buffer[:, :dim, :width].view(k_piece.shape).copy_(k_piece)
+            out = pair_buffer[..., :dim, :width].view(2, *k_piece.shape)
+            sums.pair(z_piece, rounded_piece, out)
+            sums.add(k_buffer, pair_buffer, width)
+    sums.add_to(stats, adapter.expand(mean))
 
 
 _logged: set[tuple[str, str, float, int]] = set()
@@ -120,11 +212,12 @@ def _patch_statistics_op(
     host_solve: bool,
     fast_float64: bool,
     device: str,
+    memory: int,
     label: str,
     world: int,
 ) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
-    precision = policy.Precision(product, host_solve, fast_float64, device)
+    precision = policy.Precision(product, host_solve, fast_float64, device, memory or None)
     return _compute(adapter, x, precision, lam.item(), label, world).data
 
 
@@ -138,6 +231,7 @@ def _(
     host_solve: bool,
     fast_float64: bool,
     device: str,
+    memory: int,
     label: str,
     world: int,
 ) -> Tensor:
