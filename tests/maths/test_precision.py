@@ -67,6 +67,55 @@ def test_gpu_policy_by_compute_capability(name, major, minor, arch, fast):
     assert ("full-rate" if fast else "reduced-rate") in p.describe()
 
 
+@pytest.mark.parametrize(
+    "name,measured,fast",
+    [
+        ("NVIDIA H20", None, False),  # 9.0 by its capability, about 1 TFLOP/s of float64
+        ("NVIDIA H100 80GB HBM3", None, True),
+        ("NVIDIA A100-SXM4-80GB", None, True),
+        ("NVIDIA H800", 2.1, True),  # not in either table: measured at full rate
+        ("NVIDIA H800", 48.0, False),  # measured slow
+        ("NVIDIA H800", "unmeasured", False),  # nothing to measure with: the safe default
+    ],
+)
+def test_float64_rate_by_name_or_measurement(name, measured, fast):
+    """A full-rate compute capability (9.0) does not settle float64's rate: the name table
+    decides where it knows the model, a measurement (float64's slowdown against float32)
+    where it does not, and without one the split product (accurate everywhere) is chosen."""
+    calls: list[int] = []
+
+    def measure() -> float:
+        calls.append(1)
+        assert isinstance(measured, float)
+        return measured
+
+    p = precision.gpu_precision(name, 9, 0, measure=None if measured == "unmeasured" else measure)
+    assert p.fast_float64 is fast
+    assert p.product == (precision.FLOAT64 if fast else precision.SPLIT_FLOAT32)
+    assert len(calls) == (1 if isinstance(measured, float) else 0)
+    assert ("(measured:" in p.describe()) is isinstance(measured, float)
+
+
+def test_float64_slowdown_is_measured_on_the_device():
+    """The one-off measurement runs on any device; on this CPU float64 is at half rate or
+    better, well within the full-rate bound."""
+    slowdown = precision.float64_slowdown(CPU, size=256)
+    assert 0 < slowdown <= precision.FULL_RATE_SLOWDOWN
+
+
+def test_gpu_policy_carries_the_devices_memory_for_the_chunks():
+    """The device's memory reaches the chunk rule (keyword, default: unknown)."""
+    assert precision.gpu_precision("NVIDIA GeForce RTX 4090", 8, 9).memory is None
+    p = precision.gpu_precision("NVIDIA GeForce RTX 4090", 8, 9, memory=24 * 10**9)
+    assert p.memory == 24 * 10**9
+    assert precision.precision_for(CPU, torch.float32, torch.float32).memory is None
+
+
+def test_int8_products_where_torch_has_them():
+    assert precision.int8_products(CPU) and precision.int8_products(torch.device("meta"))
+    assert not precision.int8_products(torch.device("xla"))
+
+
 def test_policy_by_device_type_and_override():
     cpu = precision.precision_for(CPU, None, torch.float32)
     assert cpu.product == precision.CHECKED_FLOAT32 and not cpu.host_solve
