@@ -2,6 +2,7 @@
 
     python benchmarks/op_count.py          # ResNet-50 stem and ViT-B/16 embedding, batch 256
     python benchmarks/op_count.py --batch 32 --json counts.json
+    python benchmarks/op_count.py --device cuda    # also this GPU's policy, each path of it
 
 Counted on the meta device (no GPU, no data: shapes only) under a GPU's precision policy
 (:func:`trainact.maths.precision.gpu_precision`, forced with
@@ -19,8 +20,10 @@ seed gradient and the convolution's backward):
   (every operation but the plain call's), against the device memory the chunk rule was given.
 
 The policies are the H100's (compute capability 9.0, full-rate float64, 80 GB) and the RTX
-4090's (8.9, reduced-rate float64, 24 GB); ``--memory-gb`` changes the memory of both. The GPU
-check (``benchmarks/gpu_check.py``) prints these counts beside the times it measures.
+4090's (8.9, reduced-rate float64, 24 GB); ``--memory-gb`` changes the memory of both.
+``--device`` adds a GPU's own policy with each ``statistics_dtype`` (default, float32: the
+split product, float64) at its own memory: the GPU check (``benchmarks/gpu_check.py``) prints
+these counts beside the times it measures.
 """
 
 from __future__ import annotations
@@ -40,7 +43,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import trainact
-from trainact.maths.precision import Precision, gpu_precision, use_precision
+from trainact.maths.precision import (
+    CHECKED_FLOAT32,
+    Precision,
+    gpu_precision,
+    precision_for,
+    use_precision,
+)
 from trainact.nn.adapters import adapter_for
 
 GB = 10**9
@@ -190,7 +199,27 @@ def count(
     )
 
 
-def table(batch: int, memory_gb: float | None = None) -> list[dict[str, Any]]:
+def policies(device: str | None, memory_gb: float | None) -> dict[str, tuple[Precision, int]]:
+    """The policies counted, by name: the H100's and the RTX 4090's, and ``device``'s with each
+    statistics dtype (its CPU default, which decides on the data, cannot run on meta)."""
+    chosen = {}
+    for name, (arguments, memory) in POLICIES.items():
+        memory = int(memory_gb * GB) if memory_gb else memory
+        chosen[f"{name} ({memory / GB:.0f} GB)"] = gpu_precision(*arguments), memory
+    if device is not None:
+        for label, dtype in (
+            ("default", None),
+            ("float32", torch.float32),
+            ("float64", torch.float64),
+        ):
+            policy = precision_for(torch.device(device), dtype, torch.float32)
+            if policy.product != CHECKED_FLOAT32:
+                memory = policy.memory or 80 * GB
+                chosen[f"{device} {label} ({memory / GB:.0f} GB)"] = policy, memory
+    return chosen
+
+
+def table(batch: int, chosen: dict[str, tuple[Precision, int]]) -> list[dict[str, Any]]:
     """Every layer under every policy: one row each, printed as a Markdown table."""
     rows = []
     print(f"batch {batch}; operations per call (plain layer in parentheses), traffic in passes")
@@ -198,15 +227,13 @@ def table(batch: int, memory_gb: float | None = None) -> list[dict[str, Any]]:
     print("| layer | policy | product | operations | traffic (passes) | extra peak |")
     print("|---|---|---|---:|---:|---:|")
     for layer_name, (make, sample) in LAYERS.items():
-        for policy_name, (arguments, memory) in POLICIES.items():
-            memory = int(memory_gb * GB) if memory_gb else memory
-            policy = gpu_precision(*arguments)
+        for policy_name, (policy, memory) in chosen.items():
             c = count(make, batch, policy, memory, sample)
             row = {"layer": layer_name, "policy": policy_name, "product": policy.product}
             row |= dataclasses.asdict(c) | {"extra_peak_fraction": c.extra_peak_fraction}
             rows.append(row)
             print(
-                f"| {layer_name} | {policy_name} ({memory / GB:.0f} GB) | {policy.product} | "
+                f"| {layer_name} | {policy_name} | {policy.product} | "
                 f"{c.ops:,} ({c.plain_ops}) | {c.passes:.1f} ({c.plain_passes:.1f}) | "
                 f"{c.extra_peak_bytes / 2**20:,.0f} MiB = {100 * c.extra_peak_fraction:.2f}% |",
                 flush=True,
@@ -217,11 +244,12 @@ def table(batch: int, memory_gb: float | None = None) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--memory-gb", type=float, help="every policy's device memory, in GB")
+    parser.add_argument("--memory-gb", type=float, help="the two cards' memory, in GB")
+    parser.add_argument("--device", help="also this device's policy (cuda, cuda:1, ...)")
     parser.add_argument("--by-op", action="store_true", help="also each operation's count")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args()
-    rows = table(args.batch, args.memory_gb)
+    rows = table(args.batch, policies(args.device, args.memory_gb))
     if args.by_op:
         for row in rows:
             print(f"\n{row['layer']}, {row['policy']}: {row['by_op']}")

@@ -10,7 +10,9 @@
 2. A whole training step (forward, backward, SGD step) of a small CIFAR ResNet at batch 128:
    time with TrAct on its stem over time without (target: ≤ 1.03). The two models' steps
    alternate within each process, and the median ratio over ``--rounds`` processes is reported.
-   ``--amp bf16`` and ``--channels-last`` time it as GPUs usually train.
+   ``--amp bf16`` and ``--channels-last`` time it as GPUs usually train; ``--model`` takes
+   several, among them torchvision's ``torchvision:resnet50`` and ``torchvision:vit_b_16`` on
+   224² images (TrAct on their ``conv1`` and ``conv_proj``).
 3. An MLP on flattened images whose first layer is wider than its batch (n < d: the n×n form):
    ``Linear(3072)`` (CIFAR) and ``Linear(784)`` (MNIST) first layers, hidden width 512, batch
    128 (``--mlp-batch``): step time with TrAct over without (target: ≤ 1.3) and the first
@@ -130,7 +132,8 @@ def step_worker(
         if memory_format is not None:
             model = model.to(memory_format=memory_format)
         if method == "trainact":
-            trainact.apply(model, **_options(statistics_dtype))
+            layer = TORCHVISION_FIRST_LAYERS.get(model_name.removeprefix("torchvision:"))
+            trainact.apply(model, layer=layer, **_options(statistics_dtype))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
@@ -158,10 +161,20 @@ def mlp(d: int, hidden: int = 512) -> nn.Sequential:
     )
 
 
+#: torchvision's models that benchmark 2 takes (``torchvision:<name>``, 224² images), with the
+#: layer TrAct goes on.
+TORCHVISION_FIRST_LAYERS = {"resnet50": "conv1", "vit_b_16": "conv_proj"}
+
+
 def _model_and_batch(name: str, batch: int, device: str) -> tuple[torch.Tensor, Callable]:
     if name.startswith("mlp-"):
         d = int(name.removeprefix("mlp-"))
         return torch.randn(batch, d, device=device), lambda: mlp(d)
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        factory = getattr(torchvision.models, name.removeprefix("torchvision:"))
+        return torch.randn(batch, 3, 224, 224, device=device), lambda: factory(num_classes=1000)
     from trainact.experiments.models import build_model
 
     x = torch.randn(batch, 3, 32, 32, device=device)
@@ -288,27 +301,31 @@ def bench_stem(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch": args.batch, "rows": rows}
 
 
-def bench_step(args: argparse.Namespace) -> dict[str, Any]:
-    rows = []
+def bench_step(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per model: the step-time ratio per statistics dtype, medians over the rounds."""
     setting = f"batch {args.step_batch}, amp {args.amp}" + (
         ", channels_last" if args.channels_last else ""
     )
-    print(f"\n{args.model} training step, {setting}")
-    for dtype in args.statistics_dtype:
-        ratios, runs = [], []
-        for _ in range(args.rounds):
-            ms = _run_step(args, args.model, dtype)
-            runs.append(ms)
-            ratios.append(ms["trainact"] / ms["plain"])
-            print(f"  ({dtype}) plain {ms['plain']:.2f} ms, trainact {ms['trainact']:.2f} ms")
-        ratio = statistics.median(ratios)
-        print(
-            f"{args.model} ({dtype}): time with TrAct / without = {ratio:.3f} "
-            f"(median of {args.rounds} rounds; target <= {TARGETS['step']})"
-        )
-        rows.append({"statistics_dtype": dtype, "ratio": ratio, "runs": runs})
-    return {"model": args.model, "batch": args.step_batch, "amp": args.amp,
-            "channels_last": args.channels_last, "rows": rows}  # fmt: skip
+    results = []
+    for model in args.model:
+        print(f"\n{model} training step, {setting}")
+        rows = []
+        for dtype in args.statistics_dtype:
+            ratios, runs = [], []
+            for _ in range(args.rounds):
+                ms = _run_step(args, model, dtype)
+                runs.append(ms)
+                ratios.append(ms["trainact"] / ms["plain"])
+                print(f"  ({dtype}) plain {ms['plain']:.2f} ms, trainact {ms['trainact']:.2f} ms")
+            ratio = statistics.median(ratios)
+            print(
+                f"{model} ({dtype}): time with TrAct / without = {ratio:.3f} "
+                f"(median of {args.rounds} rounds; target <= {TARGETS['step']})"
+            )
+            rows.append({"statistics_dtype": dtype, "ratio": ratio, "runs": runs})
+        results.append({"model": model, "batch": args.step_batch, "amp": args.amp,
+                        "channels_last": args.channels_last, "rows": rows})  # fmt: skip
+    return results
 
 
 def bench_mlp(args: argparse.Namespace) -> dict[str, Any]:
@@ -339,7 +356,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="stem batch size")
     parser.add_argument("--step-batch", type=int, default=128, help="ResNet batch size")
     parser.add_argument("--mlp-batch", type=int, help="MLP batch size (default: --step-batch)")
-    parser.add_argument("--model", default="resnet18", help="the CIFAR ResNet of benchmark 2")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["resnet18"],
+        help="benchmark 2's models: CIFAR models of trainact.experiments.models, or "
+        f"torchvision:{' torchvision:'.join(TORCHVISION_FIRST_LAYERS)} (224² images)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per process")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved processes per method")
     parser.add_argument("--only", choices=["stem", "step", "mlp"], nargs="+", help="benchmarks")
@@ -367,7 +390,7 @@ def main() -> None:
             args.step_batch,
             args.repeats,
             args.device,
-            args.model,
+            args.model[0],
             args.statistics_dtype[0],
             args.amp,
             args.channels_last,
@@ -380,6 +403,7 @@ def main() -> None:
         f"statistics_dtype {' '.join(args.statistics_dtype)}, "
         f"{'in-process' if args.in_process else 'worker processes'}"
     )
+    benchmarks: dict[str, Callable[[argparse.Namespace], Any]]
     benchmarks = {"stem": bench_stem, "step": bench_step, "mlp": bench_mlp}
     results: dict[str, Any] = {}
     start = time.perf_counter()

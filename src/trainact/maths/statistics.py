@@ -179,7 +179,8 @@ class SplitSums:
         self.rest: Tensor | None = None  # Σ (z + k)·rᵀ, float32 (groups, d + 1, d + 1)
         self._blocks: Tensor | None = None  # int32 products not yet summed into ``exact``
         self._filled = 0
-        self.columns = 0  # n: the corner of ``exact`` also counts the zeroed margins
+        self.columns = 0  # n
+        self._margins = False  # whether the corner of ``exact`` also counts zeroed margins
         self._signs = torch.arange(1, -2, -2, dtype=torch.float32, device=quantum.device)
 
     @staticmethod
@@ -218,6 +219,13 @@ class SplitSums:
         being z rounded to fewer bits."""
         torch.addcmul(z, self._signs.view(2, *([1] * z.dim())), rounded, out=out)
 
+    @staticmethod
+    def pair_in_place(rounded: Tensor, z: Tensor) -> None:
+        """The same in place, from k = round(z) in ``rounded`` and z in ``z``: ``z`` becomes
+        r = z − k (exact) and ``rounded`` z + k, computed as r + 2k (the same rounding)."""
+        z.sub_(rounded)
+        torch.add(z, rounded, alpha=2, out=rounded)
+
     def add(self, k: Tensor, pair: Tensor, cols: int) -> None:
         """Add the first ``cols`` columns of the chunk buffers ``k`` and ``pair``."""
         self.columns += cols
@@ -235,6 +243,7 @@ class SplitSums:
         padded = -(-cols // 8) * 8
         if padded != cols:  # zero the patch entries the product reads beyond the chunk
             k[:, : self.quantum.shape[1], cols:padded].zero_()
+            self._margins = True
         for start in range(0, padded, INT8_COLUMNS):
             if self._filled == self._blocks.shape[1]:
                 self._flush()
@@ -262,7 +271,8 @@ class SplitSums:
         exact = self.exact[:, : dim + 1, : dim + 1].to(device)  # int64, promoted below
         rest = self.rest.to(device, torch.float64)
         extended = torch.add(exact, rest + rest.mT, alpha=0.5)
-        extended[:, -1, -1] = self.columns
+        if self._margins:
+            extended[:, -1, -1] = self.columns
         stats.add_extended(extended, shift, self.quantum)
 
 

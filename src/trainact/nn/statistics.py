@@ -93,10 +93,15 @@ def _columns(
 ) -> int:
     """Columns per chunk: the budget over the chunk buffers' bytes per column and the bytes of
     the input-sized temporaries they are made from; at least the smallest piece the adapter
-    cuts (one row of outputs of one sample)."""
+    cuts (one row of outputs of one sample), at most every patch."""
     budget = chunk_budget(x.device, precision.memory)
     cost = per_column + per_element * adapter.input_elements_per_column(x)
-    return max(adapter.smallest_piece(x), int(budget // cost))
+    return min(max(adapter.smallest_piece(x), int(budget // cost)), adapter.num_patches(x))
+
+
+def _padding_bytes(adapter: Adapter, x: Tensor) -> int:
+    """Bytes per input element of a padded copy of an input slice (none without padding)."""
+    return x.element_size() if adapter.padded_shape(x.shape) != list(x.shape) else 0
 
 
 def _product(
@@ -112,7 +117,7 @@ def _product(
     groups, dim = adapter.groups, adapter.dim
     shift = mean.to(dtype)  # subtracted exactly in float64, rounded once in float32
     per_column = groups * (dim + 1) * dtype.itemsize
-    cols = _columns(adapter, x, precision, per_column, x.element_size())
+    cols = _columns(adapter, x, precision, per_column, _padding_bytes(adapter, x))
     buffer = extended_buffer(groups, dim, cols, dtype, x.device)
     gram = ExtendedGram(groups, dim, x.device)
     on_patches = adapter.entrywise(shift)
@@ -130,7 +135,7 @@ def _split_product(
 ) -> None:
     """Add the patches of ``x`` centered on ``mean`` by the split product (z = (x − mean)/q,
     k = round(z)). Where the input is about as large as its patches (kernels that do not
-    overlap), z and k are made in chunk buffers from the patches; otherwise once per input
+    overlap), z and k are made in the chunk buffers from the patches; otherwise once per input
     slice, in reused input-sized buffers (with zero padding, their padding is written once),
     and the chunk buffers are written from their patches."""
     groups, dim = adapter.groups, adapter.dim
@@ -139,21 +144,20 @@ def _split_product(
     scale = quantum.reciprocal()  # z = x·scale + offset, exactly (q is a power of two)
     offset = (mean * scale).neg_()
     on_patches = 2 * adapter.input_elements_per_column(x) > dim
-    per_column = SplitSums.bytes_per_column(groups, dim) + (8 * groups * dim if on_patches else 0)
-    per_element = x.element_size() if on_patches else 9  # float32 z and k, int8 k
+    per_column = SplitSums.bytes_per_column(groups, dim)
+    per_element = _padding_bytes(adapter, x) if on_patches else 9  # float32 z, round(z); int8 k
     cols = _columns(adapter, x, precision, per_column, per_element)
     k_buffer, pair_buffer = sums.buffers(cols, adapter.num_patches(x))
-    if on_patches:
-        z_buffer = x.new_empty(2, groups, dim, k_buffer.shape[-1], dtype=torch.float32)
+    if on_patches:  # z and k made in the pair buffer: (k, z) becomes (z + k, z − k)
         offset, scale = adapter.entrywise(offset), adapter.entrywise(scale)
         for part in adapter.slices(x, cols):
             for piece in adapter.pieces(adapter.padded(part), cols):
                 width = piece.numel() // (groups * dim)
-                z, rounded = z_buffer[..., :width]
+                rounded, z = pair_buffer[..., :dim, :width]
                 torch.addcmul(offset, piece, scale, out=z.view(piece.shape))
                 torch.round(z, out=rounded)
                 k_buffer[:, :dim, :width].copy_(rounded)
-                sums.pair(z, rounded, pair_buffer[..., :dim, :width])
+                sums.pair_in_place(rounded, z)
                 sums.add(k_buffer, pair_buffer, width)
         sums.add_to(stats, adapter.expand(mean))
         return
