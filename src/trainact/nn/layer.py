@@ -35,7 +35,7 @@ from trainact import distributed
 from trainact.maths import PatchStatistics
 from trainact.maths.precision import Precision, precision_for
 from trainact.maths.rows import CenteredRows, center, row_inverse, weight_grad
-from trainact.nn import checks, deferred
+from trainact.nn import checks, compat, deferred
 from trainact.nn.adapters import Adapter, Layer, adapter_for
 from trainact.nn.statistics import log_once, patch_statistics
 
@@ -271,7 +271,7 @@ def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Pre
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """Autocast off for the statistics, on devices that have autocast."""
-    if torch.amp.is_autocast_available(device.type):
+    if compat.has_autocast(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

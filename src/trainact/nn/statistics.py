@@ -110,7 +110,13 @@ def log_once(label: str, precision: policy.Precision, lam: float, world: int) ->
         )
 
 
-@torch.library.custom_op("trainact::patch_statistics", mutates_args=())
+# The schema spelled out: torch 2.4 to 2.6 cannot infer it from string annotations
+@torch.library.custom_op(
+    "trainact::patch_statistics",
+    mutates_args=(),
+    schema="(Tensor x, int[] spec, str padding_mode, Tensor lam, str product, bool host_solve, "
+    "bool fast_float64, str device, str label, int world) -> Tensor",
+)
 def _patch_statistics_op(
     x: Tensor,
     spec: list[int],
