@@ -15,6 +15,7 @@ F = TypeVar("F", bound=Callable[..., object])
 #: The oldest torch for each feature that needs more than the core's 2.4, and why.
 MINIMUM_TORCH = {
     "torch.compile": ((2, 8), "older dynamo cannot trace TrAct's layer in one graph"),
+    "FSDP2": ((2, 7), "FSDP2 itself fails on gloo up to torch 2.6"),
 }
 
 
@@ -53,8 +54,9 @@ def _dynamo_exports() -> bool:
 def in_dynamo() -> bool:
     """Whether dynamo (torch.compile, strict torch.export) is tracing the call: inlining it, or,
     before torch 2.5, running the layer on fake tensors as a torch.nn leaf module."""
-    tracing = torch._guards.TracingContext.try_get() is not None
-    return torch.compiler.is_dynamo_compiling() or tracing
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    return torch._guards.TracingContext.try_get() is not None  # (never traced)
 
 
 def exporting() -> bool:

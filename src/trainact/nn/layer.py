@@ -35,9 +35,9 @@ from trainact import distributed
 from trainact.maths import PatchStatistics
 from trainact.maths.precision import Precision, precision_for
 from trainact.maths.rows import CenteredRows, center, row_inverse, weight_grad
-from trainact.nn import checks, compat, deferred
+from trainact.nn import checks, compat, deferred, report
 from trainact.nn.adapters import Adapter, Layer, adapter_for
-from trainact.nn.statistics import log_once, patch_statistics
+from trainact.nn.statistics import patch_statistics
 
 #: The attribute of an enabled layer that holds its :class:`TrActState`.
 STATE = "trainact_state"
@@ -63,6 +63,10 @@ class TrActState:
         self.statistics_dtype = statistics_dtype
         self.process_group = process_group
         self.defer = defer
+        # λ and deferral in words, for the log line: a string stays a constant under
+        # torch.compile, where a float attribute may become symbolic
+        deferral = "deferred to precondition_" if defer else "applied in backward"
+        self.settings = f"lambda={lam:g}, {deferral}"
 
     def __getstate__(self) -> dict[str, Any]:
         if self.process_group not in (None, "auto"):
@@ -233,12 +237,20 @@ def _preconditioned_forward(
         return layer_forward(layer, input, weight, layer.bias)
     precision = precision_for(input.device, state.statistics_dtype, input.dtype)
     group = None if state.defer else distributed.resolve(state.process_group)
+    report.log_first_call(
+        state.name,
+        plain_class(layer).__name__,
+        state.settings,
+        distributed.world_size(state.process_group),
+        precision.product,
+        precision.host_solve,
+        precision.fast_float64,
+        precision.device,
+    )
     with _no_autocast(input.device):
         if group is None and not x.is_nested and _row_form(state, adapter, input, precision):
             rows = center(adapter.rows(x))
             inverse = row_inverse(rows, state.lam, precision.host_solve)
-            if not torch.compiler.is_compiling():
-                log_once(state.name, precision, state.lam, 1)
         else:
             inverse = None
             stats = patch_statistics(adapter, patches, precision, state)
