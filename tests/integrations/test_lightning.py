@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from tiny_task import N, make_data, make_net, reference
@@ -191,8 +193,22 @@ def test_first_layer_found_from_example_input_array():
     assert seen.names == ["net.0"]
     expected, _ = ref([slice(None)])
     torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="example_inputs"):
+    with pytest.raises(ValueError, match="example_input_array") as raised:
         fit(Untraceable(), [TrActCallback(0.1)], 1)
+    # the callback's words, not apply()'s
+    assert "TrActCallback's layer=" in str(raised.value) and "example_inputs" not in str(
+        raised.value
+    )
+
+
+def test_where_tract_runs_is_said_in_lightnings_rank_zero_log(caplog):
+    with caplog.at_level(logging.INFO):
+        fit(Module(), [TrActCallback(0.1)], 1)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith(pl.__name__)]
+    assert any(
+        line.startswith("TrAct on net.0 (Conv2d): lambda=0.1, applied in backward")
+        for line in lines
+    ), lines
 
 
 class LayerSeen(pl.Callback):
