@@ -93,6 +93,14 @@ def test_accelerate_loop(tmp_path, cache_dir):
     assert last_accuracy(out) > 0.5  # 4 classes
 
 
+def test_fabric_loop(tmp_path, cache_dir):
+    pytest.importorskip("lightning")
+    out = example("fabric_train.py", "--tiny", tmp_path=tmp_path, cache_dir=cache_dir)
+    assert "TrAct enabled on 0 (" in out and "deferred" in out
+    assert "TrAct on 0 (Conv2d): lambda=0.1, deferred to precondition_" in out
+    assert last_accuracy(out) > 0.5  # 4 classes
+
+
 def test_timm_model(tmp_path, cache_dir):
     pytest.importorskip("timm")
     pytest.importorskip("PIL")
