@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import trainact
+from testing.harness import model_step_error
 from trainact.nn.discovery import find_first_layer
-from trainact.testing import model_step_error
 
 # ---- hand-made models: each first meets its input in one particular way ------------------------
 

@@ -6,6 +6,7 @@ Each run is announced as "run k of N" with an estimate of the time left over all
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +31,6 @@ from trainact.experiments.train import (
     resolve_device,
     train,
 )
-from trainact.nn.checks import validate_lam
 
 
 def _distinct(name: str, values: Sequence[int]) -> list[int]:
@@ -322,11 +322,18 @@ def validate_lams(lams: Sequence[float]) -> tuple[float, ...]:
     """The λ values of a sweep: at least one, each positive and finite, none repeated."""
     if not lams:
         raise ValueError("lams must name at least one λ")
-    lams = tuple(validate_lam(lam) for lam in lams)
+    bad = [lam for lam in lams if not (_is_number(lam) and math.isfinite(lam) and lam > 0)]
+    if bad:
+        raise ValueError(f"each λ must be a positive finite number, got {bad}")
+    lams = tuple(float(lam) for lam in lams)
     repeated = sorted({lam for lam in lams if lams.count(lam) > 1})
     if repeated:
         raise ValueError(f"λ values repeated: {repeated}; each would be trained once")
     return lams
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _with_lam(record: dict[str, Any], lam: float | None) -> dict[str, Any]:

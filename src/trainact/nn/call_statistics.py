@@ -2,7 +2,7 @@
 device's precision policy (:mod:`trainact.maths.precision`) says.
 
 Under ``torch.compile`` the whole computation is one custom operator,
-``trainact::patch_statistics``, that runs eagerly inside the compiled graph: its chunk loop, its
+``trainact::call_statistics``, that runs eagerly inside the compiled graph: its chunk loop, its
 data-dependent float32/float64 choice on the CPU and its TF32-off matmuls then never specialize
 the graph, so one graph serves every batch size (``dynamic=True``, ``mark_dynamic``), with no
 graph break.
@@ -11,7 +11,6 @@ graph break.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -20,21 +19,19 @@ from trainact.distributed import world_size
 from trainact.maths import precision as policy
 from trainact.maths.statistics import PatchStatistics, SplitSums, split_quantum
 from trainact.nn.adapters import Adapter, adapter_from_spec
-
-if TYPE_CHECKING:
-    from trainact.nn.layer import TrActState
+from trainact.nn.state import TrActState
 
 logger = logging.getLogger("trainact")
 
 
-def patch_statistics(
+def call_statistics(
     adapter: Adapter, x: Tensor, precision: policy.Precision, state: TrActState
 ) -> PatchStatistics:
     """n and XᵀX of the patches of ``x`` (detached), in float64, on ``x``'s device (on the CPU
     for a device without float64), for the layer whose state is ``state``."""
     if torch.compiler.is_compiling():
         spec, padding_mode = adapter.spec()
-        data = torch.ops.trainact.patch_statistics(
+        data = torch.ops.trainact.call_statistics(
             x,
             spec,
             padding_mode,
@@ -110,8 +107,8 @@ def log_once(label: str, precision: policy.Precision, lam: float, world: int) ->
         )
 
 
-@torch.library.custom_op("trainact::patch_statistics", mutates_args=())
-def _patch_statistics_op(
+@torch.library.custom_op("trainact::call_statistics", mutates_args=())
+def _call_statistics_op(
     x: Tensor,
     spec: list[int],
     padding_mode: str,
@@ -128,7 +125,7 @@ def _patch_statistics_op(
     return _compute(adapter, x, precision, lam.item(), label, world).data
 
 
-@_patch_statistics_op.register_fake
+@_call_statistics_op.register_fake
 def _(
     x: Tensor,
     spec: list[int],
