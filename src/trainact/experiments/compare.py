@@ -23,6 +23,7 @@ from trainact.experiments.evidence import (
     sweep_evidence,
 )
 from trainact.experiments.plot import figure_title, plot_budgets, plot_curves, plot_lams
+from trainact.experiments.provenance import code_identity
 from trainact.experiments.rundir import append_jsonl, claim, read_jsonl, write_json, write_jsonl
 from trainact.experiments.train import (
     RESUMABLE_CHANGES,
@@ -173,6 +174,7 @@ def _compare(
     title = figure_title(cfg.model, cfg.dataset, len(seeds))
     summary = {
         "config": identity["config"],
+        "code": code_identity(),
         "seeds": list(seeds),
         "title": title,
         "final": _finals(records, cfg.epochs),
@@ -286,7 +288,7 @@ def _sweep(
         record = train(
             run_cfg, run_dir, resume=True, data=data, progress=progress, on_epoch=left.add
         )[-1]
-        record = _with_lam(record, lam)
+        record = {**_with_lam(record, lam), "code": code_identity()}
         append_jsonl(finals_path, record)
         finals.append(record)
         log(
@@ -298,7 +300,8 @@ def _sweep(
     if lams is not None:
         plot_lams(finals, out / "lams.png", title)
     rows = sweep_evidence(finals)
-    write_json(out / "summary.json", {"config": identity, "title": title, "budgets": rows})
+    summary = {"config": identity, "code": code_identity(), "title": title, "budgets": rows}
+    write_json(out / "summary.json", summary)
     log(
         f"\n{'budget':>6}  {'variant':>14}  {'baseline':>16}  {'TrAct':>16}  "
         f"{'TrAct - baseline [95% CI]':>26}  verdict"
