@@ -73,3 +73,12 @@ def test_every_cited_name_exists(where, name):
             {"lightning": "lightning", "huggingface": "transformers"}[name.split(".")[1]]
         )
     assert resolves(name), f"{where} cites {name}, which does not exist"
+
+
+@pytest.mark.parametrize("module", ["trainact", "trainact.api", "trainact.testing"])
+def test_the_public_examples_run(module):
+    """The examples in the public docstrings run and print what they show."""
+    import doctest
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
