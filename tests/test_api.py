@@ -46,7 +46,7 @@ def test_apply_finds_the_first_layer_in_forward_order():
 def test_apply_named_layer_and_the_model_itself():
     model = Net()
     assert trainact.apply(model, 0.5, layer="head") == "head"
-    assert trainact.nn.layer.state_of(model.head).lam == 0.5
+    assert trainact.nn.state.state_of(model.head).lam == 0.5
     layer = nn.Linear(3, 2)
     assert trainact.apply(layer) == ""
     assert trainact.is_enabled(layer)
@@ -105,7 +105,7 @@ def test_copies_keep_tract_and_are_independent(clone):
     trainact.apply(model, 0.2)
     copied = clone(model)
     assert trainact.is_enabled(copied.stem)
-    assert trainact.nn.layer.state_of(copied.stem) is not trainact.nn.layer.state_of(model.stem)
+    assert trainact.nn.state.state_of(copied.stem) is not trainact.nn.state.state_of(model.stem)
     assert type(copied.stem) is type(model.stem)
     x = torch.randn(3, 3, 8, 8)
     torch.testing.assert_close(_step(copied, x), _step(model, x), rtol=0, atol=0)
@@ -142,9 +142,9 @@ def test_enabling_twice_is_refused_and_never_preconditions_twice():
 
 def test_eval_no_grad_and_frozen_weights_do_no_covariance_work(monkeypatch):
     calls = []
-    original = trainact.nn.layer.patch_statistics
+    original = trainact.nn.layer.call_statistics
     monkeypatch.setattr(
-        trainact.nn.layer, "patch_statistics", lambda *a: calls.append(1) or original(*a)
+        trainact.nn.layer, "call_statistics", lambda *a: calls.append(1) or original(*a)
     )
     layer = trainact.TrAct(nn.Conv2d(3, 4, 3))
     x = torch.randn(20, 3, 6, 6)  # n > d: the Gram path

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_task import N, make_data, make_net, reference
 from torch import nn
 
 import trainact
+from testing.tiny_task import N, make_data, make_net, reference
 
 fabric_module = pytest.importorskip("lightning.fabric")
 

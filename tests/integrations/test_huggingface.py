@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-from tiny_task import N, make_data, make_net, reference
 from torch import nn
 
 import trainact
+from testing.tiny_task import N, make_data, make_net, reference
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)

@@ -6,11 +6,11 @@ import logging
 
 import pytest
 import torch
-from tiny_task import N, make_data, make_net, reference
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainact
+from testing.tiny_task import N, make_data, make_net, reference
 
 pl = pytest.importorskip("lightning.pytorch")
 from trainact.lightning import TrActCallback  # noqa: E402

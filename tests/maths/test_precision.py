@@ -14,16 +14,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainact
+from testing.accuracy_cases import ACCURACY_CASES, case_error, case_target, photos
 from trainact.maths import precision
-from trainact.testing import (
-    ACCURACY_CASES,
-    case_error,
-    case_target,
-    exact_tract_grad,
-    photos,
-    reference_tract_grad,
-    relative_error,
-)
+from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error
 
 CPU = torch.device("cpu")
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import trainact
+from testing.harness import model_step_error
 from trainact.nn import compat
 from trainact.nn.discovery import find_first_layer
-from trainact.testing import model_step_error
 
 # ---- hand-made models: each first meets its input in one particular way ------------------------
 

@@ -2,7 +2,7 @@
 device's precision policy (:mod:`trainact.maths.precision`) says.
 
 Under ``torch.compile`` the whole computation is one custom operator,
-``trainact::patch_statistics``, that runs eagerly inside the compiled graph: its chunk loop, its
+``trainact::call_statistics``, that runs eagerly inside the compiled graph: its chunk loop, its
 data-dependent float32/float64 choice on the CPU and its TF32-off matmuls then never specialize
 the graph, so one graph serves every batch size (``dynamic=True``, ``mark_dynamic``), with no
 graph break.
@@ -10,27 +10,23 @@ graph break.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from trainact.maths import precision as policy
 from trainact.maths.statistics import PatchStatistics, SplitSums, split_quantum
 from trainact.nn.adapters import Adapter, adapter_from_spec
-
-if TYPE_CHECKING:
-    from trainact.nn.layer import TrActState
+from trainact.nn.state import TrActState
 
 
-def patch_statistics(
+def call_statistics(
     adapter: Adapter, x: Tensor, precision: policy.Precision, state: TrActState
 ) -> PatchStatistics:
     """n and XᵀX of the patches of ``x`` (detached), in float64, on ``x``'s device (on the CPU
     for a device without float64), for the layer whose state is ``state``."""
     if torch.compiler.is_compiling():
         spec, padding_mode = adapter.spec()
-        data = torch.ops.trainact.patch_statistics(
+        data = torch.ops.trainact.call_statistics(
             x,
             spec,
             padding_mode,
@@ -87,12 +83,12 @@ def _accumulate(
 
 # The schema spelled out: torch 2.4 to 2.6 cannot infer it from string annotations
 @torch.library.custom_op(
-    "trainact::patch_statistics",
+    "trainact::call_statistics",
     mutates_args=(),
     schema="(Tensor x, int[] spec, str padding_mode, Tensor lam, str product, bool host_solve, "
     "bool fast_float64, str device) -> Tensor",
 )
-def _patch_statistics_op(
+def _call_statistics_op(
     x: Tensor,
     spec: list[int],
     padding_mode: str,
@@ -107,7 +103,7 @@ def _patch_statistics_op(
     return _compute(adapter, x, precision, lam.item()).data
 
 
-@_patch_statistics_op.register_fake
+@_call_statistics_op.register_fake
 def _(
     x: Tensor,
     spec: list[int],
