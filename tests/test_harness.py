@@ -62,6 +62,7 @@ def test_model_step_error_refuses_a_layer_called_twice():
 
 def test_accuracy_cases_and_photos():
     pytest.importorskip("numpy")
+    pytest.importorskip("PIL")  # the photos are JPEG-decoded
     names = [case.name for case in accuracy_cases.ACCURACY_CASES]
     assert len(set(names)) == len(names)
     images = accuracy_cases.photos(8)

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from trainact import distributed
-from trainact.nn import checks, deferred, step_guard
+from trainact.maths.precision import precision_for
+from trainact.nn import checks, compat, deferred, report, step_guard
 from trainact.nn import layer as tract_layer
 from trainact.nn.discovery import find_first_layer
 from trainact.nn.state import TrActState, state_of
@@ -24,6 +25,7 @@ __all__ = [
     "precondition_",
     "precondition_on_step",
     "remove",
+    "summary",
 ]
 
 logger = logging.getLogger("trainact")
@@ -200,6 +202,39 @@ def enabled_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if state_of(m) is not None]
 
 
+def summary(model: nn.Module) -> str:
+    """Which layers of ``model`` have TrAct, and how: one line per layer naming it, λ, whether
+    its statistics are deferred, the world size and the precision path for the device and
+    dtype its weight has now (the line TrAct logs at the layer's first training call).
+
+    Example:
+        >>> import torch, trainact
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+        >>> _ = trainact.apply(model, lam=0.1)
+        >>> print(trainact.summary(model))  # doctest: +ELLIPSIS
+        TrAct on 0 (Conv2d): lambda=0.1, applied in backward, world size 1; cpu: ...
+    """
+    lines = []
+    for name, layer in enabled_layers(model):
+        state = state_of(layer)
+        assert state is not None  # an enabled layer
+        weight = checks.weight_parameter(layer)
+        try:
+            precision = precision_for(weight.device, state.statistics_dtype, weight.dtype)
+        except TypeError as err:  # a setting the device refuses (float64 on MPS)
+            lines.append(f"TrAct on {name or '<model>'}: {err}")
+            continue
+        line = report.describe(
+            name,
+            tract_layer.plain_class(layer).__name__,
+            state.settings,
+            distributed.world_size(state.process_group),
+            precision,
+        )
+        lines.append(line if weight.requires_grad else f"{line} (frozen: nothing to do)")
+    return "\n".join(lines) or f"TrAct is enabled on no layer of {type(model).__name__}"
+
+
 def precondition_(model: nn.Module) -> int:
     """Apply TrAct to the gradients accumulated by layers enabled with ``defer=True``.
 
@@ -217,6 +252,10 @@ def precondition_(model: nn.Module) -> int:
     Raises:
         NotImplementedError: a sharded (FSDP2) gradient of a grouped convolution.
     """
+    for _, layer in enabled_layers(model):
+        grad = checks.weight_parameter(layer).grad
+        if grad is not None and distributed.is_dtensor(grad):
+            compat.require("FSDP2")
     return sum(
         deferred.finish(layer, state)
         for _, layer in enabled_layers(model)

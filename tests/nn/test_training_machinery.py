@@ -19,7 +19,14 @@ from torch.utils.checkpoint import checkpoint
 
 import trainact
 from testing import harness
+from trainact.nn import compat
 from trainact.testing import reference_tract_grad, relative_error
+
+#: torch.compile of a TrAct layer needs a newer torch than the core (below, it is refused)
+needs_compile = pytest.mark.skipif(
+    compat.torch_version() < compat.MINIMUM_TORCH["torch.compile"][0],
+    reason="torch.compile of a TrAct layer needs torch>=2.8",
+)
 
 
 def small_cnn(device: torch.device | None = None) -> nn.Sequential:
@@ -186,6 +193,7 @@ def test_checkpoint_neither_double_counts_nor_mispairs(device, reentrant):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
 
 
+@needs_compile
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
@@ -201,6 +209,7 @@ def test_torch_compile_fullgraph(device, backend):
     assert not torch.allclose(got["0.weight"], _grads(plain, x)["0.weight"])
 
 
+@needs_compile
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_compiled_sgd_steps_are_exact(device, mode):
     """Three SGD steps through ``torch.compile(fullgraph=True)``, each TrAct gradient against
@@ -224,6 +233,7 @@ def test_compiled_sgd_steps_are_exact(device, mode):
         opt.zero_grad(set_to_none=True)
 
 
+@needs_compile
 def test_compile_with_deferred_accumulation_equals_one_big_batch(device):
     """defer=True runs the layer eagerly under compile (a graph break) and stays exact."""
     torch._dynamo.reset()
@@ -257,6 +267,7 @@ MODELS = {
 }
 
 
+@needs_compile
 @pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_compile_one_graph_for_every_batch_size(device, model, how):
@@ -285,6 +296,7 @@ def test_compile_one_graph_for_every_batch_size(device, model, how):
     assert backend.graphs == 1
 
 
+@needs_compile
 def test_compile_inductor_dynamic_is_exact(device):
     torch._dynamo.reset()
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).to(device)
@@ -300,6 +312,7 @@ def test_compile_inductor_dynamic_is_exact(device):
         assert relative_error(net[0].weight.grad, eager[0].weight.grad) < 1e-6
 
 
+@needs_compile
 def test_compiled_cpu_statistics_still_choose_float32_where_accurate(monkeypatch):
     """Under torch.compile the CPU's data-dependent float32/float64 choice runs inside the
     custom operator: standardized inputs get the float32 product, raw pixels float64."""

@@ -10,18 +10,13 @@ graph break.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
-from trainact.distributed import world_size
 from trainact.maths import precision as policy
 from trainact.maths.statistics import PatchStatistics, SplitSums, split_quantum
 from trainact.nn.adapters import Adapter, adapter_from_spec
 from trainact.nn.state import TrActState
-
-logger = logging.getLogger("trainact")
 
 
 def call_statistics(
@@ -40,22 +35,19 @@ def call_statistics(
             precision.host_solve,
             precision.fast_float64,
             precision.device,
-            state.name,
-            world_size(state.process_group),
         )
         return PatchStatistics(data, adapter.groups, adapter.dim)
-    return _compute(adapter, x, precision, state.lam, state.name, world_size(state.process_group))
+    return _compute(adapter, x, precision, state.lam)
 
 
 def _compute(
-    adapter: Adapter, x: Tensor, precision: policy.Precision, lam: float, label: str, world: int
+    adapter: Adapter, x: Tensor, precision: policy.Precision, lam: float
 ) -> PatchStatistics:
     device = torch.device("cpu") if precision.host_solve else x.device
     stats = PatchStatistics.zeros(adapter.groups, adapter.dim, device)
     n = adapter.num_patches(x)
     if n == 0:
         return stats
-    log_once(label, precision, lam, world)
     with policy.ieee_float32_matmul():
         spread, mean = adapter.moments(x)
         if precision.product == policy.SPLIT_FLOAT32:
@@ -89,25 +81,13 @@ def _accumulate(
     return diagonal
 
 
-_logged: set[tuple[str, str, float, int]] = set()
-
-
-def log_once(label: str, precision: policy.Precision, lam: float, world: int) -> None:
-    """Log the precision policy a layer's statistics follow, once per layer, device, λ and
-    world size."""
-    key = (label, precision.describe(), lam, world)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(
-            "TrAct on %s, lambda=%g, world size %d: %s",
-            label or "<layer>",
-            lam,
-            world,
-            precision.describe(),
-        )
-
-
-@torch.library.custom_op("trainact::call_statistics", mutates_args=())
+# The schema spelled out: torch 2.4 to 2.6 cannot infer it from string annotations
+@torch.library.custom_op(
+    "trainact::call_statistics",
+    mutates_args=(),
+    schema="(Tensor x, int[] spec, str padding_mode, Tensor lam, str product, bool host_solve, "
+    "bool fast_float64, str device) -> Tensor",
+)
 def _call_statistics_op(
     x: Tensor,
     spec: list[int],
@@ -117,12 +97,10 @@ def _call_statistics_op(
     host_solve: bool,
     fast_float64: bool,
     device: str,
-    label: str,
-    world: int,
 ) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
     precision = policy.Precision(product, host_solve, fast_float64, device)
-    return _compute(adapter, x, precision, lam.item(), label, world).data
+    return _compute(adapter, x, precision, lam.item()).data
 
 
 @_call_statistics_op.register_fake
@@ -135,8 +113,6 @@ def _(
     host_solve: bool,
     fast_float64: bool,
     device: str,
-    label: str,
-    world: int,
 ) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
     size = adapter.groups * adapter.dim * adapter.dim + 1

@@ -36,9 +36,9 @@ from trainact import distributed
 from trainact.maths import PatchStatistics
 from trainact.maths.precision import Precision, precision_for
 from trainact.maths.rows import CenteredRows, center, row_inverse, weight_grad
-from trainact.nn import checks, deferred, step_guard
+from trainact.nn import checks, compat, deferred, report, step_guard
 from trainact.nn.adapters import Adapter, Layer, adapter_for
-from trainact.nn.call_statistics import call_statistics, log_once
+from trainact.nn.call_statistics import call_statistics
 from trainact.nn.state import STATE, TrActState
 
 
@@ -193,12 +193,20 @@ def _preconditioned_forward(
         return layer_forward(layer, input, weight, layer.bias)
     precision = precision_for(input.device, state.statistics_dtype, input.dtype)
     group = None if state.defer else distributed.resolve(state.process_group)
+    report.log_first_call(
+        state.name,
+        plain_class(layer).__name__,
+        state.settings,
+        distributed.world_size(state.process_group),
+        precision.product,
+        precision.host_solve,
+        precision.fast_float64,
+        precision.device,
+    )
     with _no_autocast(input.device):
         if group is None and not x.is_nested and _row_form(state, adapter, input, precision):
             rows = center(adapter.rows(x))
             inverse = row_inverse(rows, state.lam, precision.host_solve)
-            if not torch.compiler.is_compiling():
-                log_once(state.name, precision, state.lam, 1)
         else:
             inverse = None
             stats = call_statistics(adapter, patches, precision, state)
@@ -231,7 +239,7 @@ def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Pre
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """Autocast off for the statistics, on devices that have autocast."""
-    if torch.amp.is_autocast_available(device.type):
+    if compat.has_autocast(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -38,6 +38,10 @@ class TrActState:
         self.statistics_dtype = statistics_dtype
         self.process_group = process_group
         self.defer = defer
+        # λ and deferral in words, for the log line: a string stays a constant under
+        # torch.compile, where a float attribute may become symbolic
+        deferral = "deferred to precondition_" if defer else "applied in backward"
+        self.settings = f"lambda={lam:g}, {deferral}"
 
     def __getstate__(self) -> dict[str, Any]:
         if self.process_group not in (None, "auto"):
