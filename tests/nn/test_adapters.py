@@ -7,11 +7,10 @@ import copy
 
 import pytest
 import torch
-from test_layer import _check
 from torch import nn
 
+from testing.harness import check_layer, tract_error
 from trainact.nn import adapters
-from trainact.testing import tract_error
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["product", "split"])
@@ -29,7 +28,7 @@ def test_bounded_chunks_are_exact(device64, monkeypatch, layer, shape, dtype, sp
     """A tiny chunk budget forces batch chunks and splits within one sample, for the product
     and the split product (int8 margins, input-sized buffers reused); still exact."""
     from trainact.maths.statistics import ExtendedGram, SplitSums
-    from trainact.nn import statistics
+    from trainact.nn import call_statistics
 
     widths: list[int] = []
     for cls in (ExtendedGram, SplitSums):
@@ -38,7 +37,7 @@ def test_bounded_chunks_are_exact(device64, monkeypatch, layer, shape, dtype, sp
             cls, "add", lambda self, *a, o=original: widths.append(a[-1] if len(a) > 1 else
                                                                   a[0].shape[-1]) or o(self, *a)
         )  # fmt: skip
-    monkeypatch.setattr(statistics, "chunk_budget", lambda device, memory: 4 * 4 * 40)
+    monkeypatch.setattr(call_statistics, "chunk_budget", lambda device, memory: 4 * 4 * 40)
     torch.manual_seed(0)
     dtype = dtype or torch.float64
     layer = copy.deepcopy(layer).to(device64, dtype)  # the parametrized one serves both runs
@@ -47,7 +46,7 @@ def test_bounded_chunks_are_exact(device64, monkeypatch, layer, shape, dtype, sp
     if split:
         assert tract_error(layer, x, statistics_dtype=torch.float32) < 10 * tol
     else:
-        _check(layer, x, 0.1, tol, tol)
+        check_layer(layer, x, 0.1, tol, tol)
     assert len(widths) > 2, "the budget must have split the patches"
     # at most the budget, or one slice of one sample along the first output dimension
     adapter = adapters.adapter_for(layer)
@@ -64,7 +63,7 @@ def test_non_overlapping_patches_need_no_padding_copy(device64, monkeypatch):
         adapters.F, "pad", lambda *a, **k: calls.append(a) or torch.nn.functional.pad(*a, **k)
     )
     torch.manual_seed(0)
-    _check(
+    check_layer(
         nn.Conv2d(3, 8, 4, stride=4).double(),
         torch.randn(20, 3, 16, 16, dtype=torch.float64),
         0.1,

@@ -19,7 +19,6 @@ The statistics of a backward pass belong to the gradient that pass accumulates i
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +26,7 @@ from torch import Tensor, nn
 from trainact import distributed
 from trainact.maths import PatchStatistics
 from trainact.nn import checks
-
-if TYPE_CHECKING:
-    from trainact.nn.layer import TrActState
+from trainact.nn.state import TrActState
 
 
 def _merge(a: PatchStatistics | None, b: PatchStatistics | None) -> PatchStatistics | None:
@@ -76,9 +73,6 @@ def accumulate(layer: nn.Module, state: TrActState, stats: PatchStatistics, weig
     _hook(layer, weight)
     label = state.name or type(layer).__name__
     torch.autograd.Variable._execution_engine.queue_callback(lambda: _end_of_pass(entry, label))
-    from trainact.nn import steps  # the step guard reads this module: imported late
-
-    steps.install()
 
 
 def _forget_if_cleared(entry: _Pending, weight: Tensor) -> None:
@@ -146,7 +140,7 @@ def drop(layer: nn.Module) -> None:
     _pending.pop(layer, None)
 
 
-def precondition(layer: nn.Module, state: TrActState) -> bool:
+def finish(layer: nn.Module, state: TrActState) -> bool:
     """Replace ``weight.grad`` by G·(XᵀX/n + λI)⁻¹ with the layer's deferred statistics (summed
     over the process group), and forget them. False when nothing was pending."""
     entry = _pending.pop(layer, None)
@@ -163,5 +157,5 @@ def precondition(layer: nn.Module, state: TrActState) -> bool:
     if shard.shape != weight.grad.shape and stats.groups > 1:
         raise NotImplementedError("sharded gradients of grouped convolutions")
     with torch.no_grad():
-        shard.copy_(stats.precondition(shard, state.lam))
+        shard.copy_(stats.tract_gradient(shard, state.lam))
     return True
