@@ -11,7 +11,7 @@ The patches arrive in chunks, each written once into a reused buffer whose extra
 constant (:func:`extended_buffer`): one product per chunk of the *extended* patches [y; 1] then
 gives Σ yyᵀ, Σy and n together (:class:`ExtendedGram`), accumulated in one ``(d+1)×(d+1)``
 tensor. The product runs in float64, in float32 (accurate only for a small spread over λ), or
-split (:class:`SplitSums`): an exact 7-bit part multiplied in int8 with int32 sums (tensor
+split (:class:`SplitSums`): an exact part (|k| ≤ 63) multiplied in int8 with int32 sums (tensor
 cores) and a float32 remainder, accurate without float64 on the device.
 """
 
