@@ -72,3 +72,29 @@ def test_non_overlapping_patches_need_no_padding_copy(device64, monkeypatch):
         device64,
     )
     assert not calls
+
+
+@pytest.mark.parametrize("statistics_dtype", [None, torch.float32])
+def test_chunk_buffers_hold_at_most_the_calls_patches(monkeypatch, statistics_dtype):
+    """Under a chunk budget far larger than the call (a small batch on a large GPU), the chunk
+    buffers hold the call's own patches, not the budget."""
+    import trainact
+    from trainact.maths.statistics import SplitSums
+    from trainact.nn import call_statistics
+
+    columns: list[int] = []
+    extended, buffers = call_statistics.extended_buffer, SplitSums.buffers
+    monkeypatch.setattr(
+        call_statistics,
+        "extended_buffer",
+        lambda g, d, cols, *a: columns.append(cols) or extended(g, d, cols, *a),
+    )
+    monkeypatch.setattr(
+        SplitSums,
+        "buffers",
+        lambda self, cols, total: columns.append(cols) or buffers(self, cols, total),
+    )
+    monkeypatch.setattr(call_statistics, "chunk_budget", lambda device, memory: 2**40)
+    layer = trainact.TrAct(nn.Conv2d(3, 4, 3), statistics_dtype=statistics_dtype)
+    layer(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert columns == [2 * 6 * 6]
