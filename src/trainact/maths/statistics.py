@@ -11,14 +11,14 @@ The patches arrive in chunks, each written once into a reused buffer whose extra
 constant (:func:`extended_buffer`): one product per chunk of the *extended* patches [y; 1] then
 gives Σ yyᵀ, Σy and n together (:class:`ExtendedGram`), accumulated in one ``(d+1)×(d+1)``
 tensor. The product runs in float64, in float32 (accurate only for a small spread over λ), or
-split (:class:`SplitSums`): an exact part (|k| ≤ 63) multiplied in int8 with int32 sums (tensor
-cores) and a float32 remainder, accurate without float64 on the device.
+split (:class:`SplitSums`): an exact part (integers |k| ≤ 63) multiplied in int8 with int32
+sums on GPUs (tensor cores), in exact float32 blocks elsewhere, and a float32 remainder,
+accurate without float64 on the device.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from trainact.maths.solve import tract_gradient
@@ -159,23 +159,25 @@ class SplitSums:
     """Σ yyᵀ, Σy and n of centered float32 patches, accurate without float64 on the device.
 
     Each entry is written y = (k + r)·q: q a power of two per feature (:func:`split_quantum`),
-    z = y/q within ±63, k = round(z) an integer (int8) and r = z − k, |r| ≤ 1/2, exact in
-    float32. Σ kkᵀ is exact: int8 products with int32 sums over at most :data:`INT8_COLUMNS`
-    columns each (``torch._int_mm``, on tensor cores), summed in int64; where the device has no
-    int8 product, float32 products of :data:`FLOAT32_EXACT_COLUMNS` columns, exact too. The
-    rest, Σ zzᵀ − Σ kkᵀ = sym(Σ (z + k)·rᵀ), has terms about 2**-6 of the whole (of either
-    sign: rounding, unlike truncation, leaves r unbiased), so its float32 rounding (TF32 off:
+    z = y/q within ±63, k = round(z) an integer and r = z − k, |r| ≤ 1/2, exact in float32.
+    Σ kkᵀ is exact: on devices with int8 matrix units, int8 products with int32 sums over at
+    most :data:`INT8_COLUMNS` columns each (``torch._int_mm``), summed in ``exact_dtype``;
+    elsewhere (the CPU, where torch's int8 product is slow) float32 products of at most
+    :data:`FLOAT32_EXACT_COLUMNS` columns, exact too. The rest,
+    Σ zzᵀ − Σ kkᵀ = sym(Σ (z + k)·rᵀ), has terms about 2**-6 of the whole (of either sign:
+    rounding, unlike truncation, leaves r unbiased), so its float32 rounding (TF32 off:
     :func:`trainact.maths.precision.ieee_float32_matmul`) is as small.
 
-    A chunk is two buffers (:meth:`buffers`): k in int8, and (z + k, r) in float32, each with
-    the extra rows that make their products carry Σk, Σr and n.
+    A chunk is two buffers (:meth:`buffers`): k (int8 or float32) and (z + k, r) in float32,
+    each with the extra rows that make their products carry Σk, Σr and n.
     """
 
-    def __init__(self, quantum: Tensor, int8_products: bool) -> None:
+    def __init__(self, quantum: Tensor, int8_products: bool, exact_dtype: torch.dtype) -> None:
         self.quantum = quantum  # (groups, d) float32, powers of two
-        self.int8_products = int8_products
-        self.rows = self.int8_rows(quantum.shape[1])
-        self.exact: Tensor | None = None  # Σ kkᵀ, int64 (groups, rows, rows)
+        self.k_dtype = torch.int8 if int8_products else torch.float32
+        self.exact_dtype = exact_dtype  # float64, or int64 on a device without float64
+        self.rows = self.k_rows(quantum.shape[1], self.k_dtype)
+        self.exact: Tensor | None = None  # Σ kkᵀ (groups, rows, rows)
         self.rest: Tensor | None = None  # Σ (z + k)·rᵀ, float32 (groups, d + 1, d + 1)
         self._blocks: Tensor | None = None  # int32 products not yet summed into ``exact``
         self._filled = 0
@@ -184,29 +186,30 @@ class SplitSums:
         self._signs = torch.arange(1, -2, -2, dtype=torch.float32, device=quantum.device)
 
     @staticmethod
-    def int8_rows(dim: int) -> int:
-        """Rows of the int8 buffer: d + 1, a multiple of 8 and more than 16 (``_int_mm``)."""
-        return max(24, -(-(dim + 1) // 8) * 8)
+    def k_rows(dim: int, k_dtype: torch.dtype) -> int:
+        """Rows of the k buffer: d + 1; for int8 a multiple of 8 and more than 16 (``_int_mm``)."""
+        return max(24, -(-(dim + 1) // 8) * 8) if k_dtype == torch.int8 else dim + 1
 
     @classmethod
-    def bytes_per_column(cls, groups: int, dim: int) -> int:
+    def bytes_per_column(cls, groups: int, dim: int, int8_products: bool) -> int:
         """The bytes of the two chunk buffers per column."""
-        return groups * (cls.int8_rows(dim) + 2 * 4 * (dim + 1))
+        k_dtype = torch.int8 if int8_products else torch.float32
+        return groups * (cls.k_rows(dim, k_dtype) * k_dtype.itemsize + 2 * 4 * (dim + 1))
 
     def buffers(self, cols: int, total: int) -> tuple[Tensor, Tensor]:
         """The chunk buffers for up to ``cols`` columns (of ``total`` in the call): k
-        ``(groups, rows, C)`` int8, row d ones and the rows below it zero; (z + k, r)
+        ``(groups, rows, C)``, row d ones and the rows below it zero; (z + k, r)
         ``(2, groups, d + 1, C)`` float32, row d 2 and 0 (their product's last row is then
         2·Σr, halved by the symmetrization)."""
         groups, dim = self.quantum.shape
         cols = -(-cols // 16) * 16  # int8 products: columns and row strides multiples of 8
         device = self.quantum.device
-        k = torch.zeros(groups, self.rows, cols, dtype=torch.int8, device=device)
+        k = torch.zeros(groups, self.rows, cols, dtype=self.k_dtype, device=device)
         k[:, dim].fill_(1)
         pair = torch.empty(2, groups, dim + 1, cols, dtype=torch.float32, device=device)
         pair[0, :, dim].fill_(2)
         pair[1, :, dim].fill_(0)
-        if self.int8_products:  # every product of the call, summed at once (at most 256)
+        if self.k_dtype == torch.int8:  # every product of the call, summed at once (at most 256)
             blocks = (-(-total // cols) + 1) * -(-cols // INT8_COLUMNS)
             self._blocks = torch.empty(
                 groups, min(blocks, 256), self.rows, self.rows, dtype=torch.int32, device=device
@@ -231,13 +234,10 @@ class SplitSums:
         self.columns += cols
         w, r = pair[0, ..., :cols], pair[1, ..., :cols].mT
         self.rest = torch.bmm(w, r) if self.rest is None else self.rest.baddbmm_(w, r)
-        if not self.int8_products:
-            blocks = F.pad(k[..., :cols].float(), (0, -cols % FLOAT32_EXACT_COLUMNS))
-            groups, rows, _ = blocks.shape
-            blocks = blocks.view(groups, rows, -1, FLOAT32_EXACT_COLUMNS).transpose(1, 2)
-            blocks = blocks.reshape(-1, rows, FLOAT32_EXACT_COLUMNS)
-            partial = torch.bmm(blocks, blocks.mT).view(groups, -1, rows, rows)
-            self._add_exact(partial.sum(1, dtype=torch.int64))
+        if self.k_dtype == torch.float32:
+            for start in range(0, cols, FLOAT32_EXACT_COLUMNS):
+                block = k[..., start : min(start + FLOAT32_EXACT_COLUMNS, cols)]
+                self._add_exact(torch.bmm(block, block.mT))  # exact integers in float32
             return
         assert self._blocks is not None
         padded = -(-cols // 8) * 8
@@ -253,11 +253,12 @@ class SplitSums:
             self._filled += 1
 
     def _add_exact(self, part: Tensor) -> None:
+        part = part.to(self.exact_dtype)  # exact: integers below 2**53 (float64) or int64
         self.exact = part if self.exact is None else self.exact.add_(part)
 
     def _flush(self) -> None:
         if self._blocks is not None and self._filled:
-            self._add_exact(self._blocks[:, : self._filled].sum(1, dtype=torch.int64))
+            self._add_exact(self._blocks[:, : self._filled].sum(1, dtype=self.exact_dtype))
             self._filled = 0
 
     def add_to(self, stats: PatchStatistics, shift: Tensor) -> None:
@@ -268,7 +269,7 @@ class SplitSums:
             return
         device = stats.data.device
         dim = self.quantum.shape[1]
-        exact = self.exact[:, : dim + 1, : dim + 1].to(device)  # int64, promoted below
+        exact = self.exact[:, : dim + 1, : dim + 1].to(device)  # promoted to float64 below
         rest = self.rest.to(device, torch.float64)
         extended = torch.add(exact, rest + rest.mT, alpha=0.5)
         if self._margins:

@@ -129,12 +129,15 @@ def _split_product(
     and the chunk buffers are written from their patches."""
     groups, dim = adapter.groups, adapter.dim
     quantum = split_quantum(adapter.largest(x, mean), mean)  # per channel
-    sums = SplitSums(adapter.expand(quantum), policy.int8_products(x.device))
+    int8 = policy.int8_products(x.device)
+    exact_dtype = torch.int64 if precision.host_solve else torch.float64
+    sums = SplitSums(adapter.expand(quantum), int8, exact_dtype)
     scale = quantum.reciprocal()  # z = x·scale + offset, exactly (q is a power of two)
     offset = (mean * scale).neg_()
     on_patches = 2 * adapter.input_elements_per_column(x) > dim
-    per_column = SplitSums.bytes_per_column(groups, dim)
-    per_element = _padding_bytes(adapter, x) if on_patches else 9  # float32 z, round(z); int8 k
+    per_column = SplitSums.bytes_per_column(groups, dim, int8)
+    # input-sized: float32 z and round(z), and that in int8 for int8 products
+    per_element = _padding_bytes(adapter, x) if on_patches else 8 + int8
     cols = _columns(adapter, x, precision, per_column, per_element)
     k_buffer, pair_buffer = sums.buffers(cols, adapter.num_patches(x))
     if on_patches:  # z and k made in the pair buffer: (k, z) becomes (z + k, z − k)
@@ -151,7 +154,7 @@ def _split_product(
         sums.add_to(stats, adapter.expand(mean))
         return
     offset, scale = adapter.channelwise(offset), adapter.channelwise(scale)
-    inputs: tuple[Tensor, Tensor, Tensor] | None = None  # z, round(z), and that in int8
+    inputs: tuple[Tensor, Tensor, Tensor] | None = None  # z, round(z), k in k_buffer's dtype
     for part in adapter.slices(x, cols):
         if adapter.zero_padding:
             if inputs is None:  # the first slice is the largest
@@ -164,9 +167,11 @@ def _split_product(
         else:
             z = torch.addcmul(offset, adapter.padded(part), scale)
         if inputs is None:
-            inputs = z, torch.empty_like(z), torch.empty_like(z, dtype=torch.int8)
+            rounded = torch.empty_like(z)
+            inputs = z, rounded, rounded if not int8 else torch.empty_like(z, dtype=torch.int8)
         rounded, k = torch.round(z, out=inputs[1][: len(part)]), inputs[2][: len(part)]
-        k.copy_(rounded)
+        if int8:
+            k.copy_(rounded)
         views = (adapter.pieces(t, cols) for t in (z, rounded, k))
         for z_piece, rounded_piece, k_piece in zip(*views, strict=True):
             width = k_piece.numel() // (groups * dim)
