@@ -437,7 +437,8 @@ def part_accuracy(run: Run, part: Part) -> None:
     for t in tables:
         columns = [c for c in t["rows"][0] if c != "case"] if t["rows"] else []
         lines = [
-            f"{'TF32 allowed' if t['tf32'] else 'strict float32'}; policy: {result['policy']}",
+            f"{'TF32 allowed' if t['tf32'] else 'strict float32'}; policy: "
+            + (result["policy"] if t["policy"] == "device" else t["policy"]),
             "",
             "| case | " + " | ".join(columns) + " |",
             "|---|" + "---:|" * len(columns),

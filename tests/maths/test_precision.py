@@ -105,10 +105,16 @@ def test_gpu_policy_carries_the_devices_memory_for_the_chunks():
 
 
 def test_int8_products_on_matrix_units_only():
-    """int8 products where torch has them on matrix units (meta stands for a GPU); not on the
-    CPU, whose int8 product is slower than float32's (the exact float32 blocks run there)."""
-    assert precision.int8_products(torch.device("meta"))
-    assert not precision.int8_products(CPU) and not precision.int8_products(torch.device("xla"))
+    """The split product's exact part in int8 on GPUs with int8 matrix units (compute
+    capability 7.2 on, ROCm) and MPS, not on the CPU, whose int8 product is slower than
+    float32's (exact float32 blocks run there); and only where torch has the kernel."""
+    assert precision.gpu_precision("NVIDIA GeForce RTX 4090", 8, 9).int8
+    assert precision.gpu_precision("MI300X", 9, 4, "gfx942").int8
+    assert not precision.gpu_precision("NVIDIA V100", 7, 0).int8
+    assert not precision.precision_for(CPU, torch.float32, torch.float32).int8
+    assert precision.HOST_SOLVE.int8 and "int8" in precision.HOST_SOLVE.describe()
+    assert precision.has_int8_kernel(CPU) and precision.has_int8_kernel(torch.device("meta"))
+    assert not precision.has_int8_kernel(torch.device("xla"))
 
 
 def test_policy_by_device_type_and_override():
@@ -175,7 +181,9 @@ def test_host_solve_path_is_accurate(device, case):
     else:
         expected = reference_tract_grad(layer, x, plain.weight.grad, 0.1)
         assert relative_error(layer.weight.grad, expected) < 2e-3
-        exact = [op for op, dtype, where in log.ops if dtype == torch.int64 and where == device.type]
+        exact = [
+            op for op, dtype, where in log.ops if dtype == torch.int64 and where == device.type
+        ]
         assert exact, "the exact part is summed in int64 on the device"
 
 

@@ -83,6 +83,7 @@ class Precision:
     fast_float64: bool  # float64 at half of float32's rate or better (the n×n form's range)
     device: str  # the device in words, for the log line
     memory: int | None = None  # the device's memory in bytes (sizes the chunks); None: the CPU
+    int8: bool = False  # the split product's exact part on int8 matrix units, where torch has them
 
     def describe(self) -> str:
         """The policy in words (the log line)."""
@@ -90,8 +91,8 @@ class Precision:
             FLOAT64: "float64 product",
             CHECKED_FLOAT32: "float32 product of centered patches where their spread/lambda "
             "allows it (checked on its diagonal), float64 otherwise",
-            SPLIT_FLOAT32: "split float32 product (exact part in int8 + float32 remainder, TF32 "
-            "off)",
+            SPLIT_FLOAT32: "split float32 product (exact part in "
+            f"{'int8' if self.int8 else 'float32 blocks'} + float32 remainder, TF32 off)",
         }[self.product]
         solve = "on the CPU" if self.host_solve else "on the device"
         rows = "n < d" if self.fast_float64 else "n < 0.6·d"
@@ -147,10 +148,12 @@ def precision_for(
 
 def _device_precision(device: torch.device) -> Precision:
     if device.type == "cpu":
-        return Precision(CHECKED_FLOAT32, False, True, "cpu")
+        return Precision(CHECKED_FLOAT32, False, True, "cpu")  # int8: slow on CPUs
     if device.type == "cuda":
         return _cuda_precision(device.index if device.index is not None else 0)
-    return Precision(SPLIT_FLOAT32, True, False, f"{device.type} (float64 assumed absent)")
+    return Precision(
+        SPLIT_FLOAT32, True, False, f"{device.type} (float64 assumed absent)", int8=True
+    )
 
 
 @functools.cache
@@ -199,7 +202,9 @@ def gpu_precision(
         name = f"{name} (compute capability {major}.{minor})"
     rate = ("full-rate float64" if fast else "reduced-rate float64") + how
     product = FLOAT64 if fast else SPLIT_FLOAT32
-    return Precision(product, False, fast, f"{name}, {rate}", memory)
+    # int8 matrix units: compute capability 7.2 on (Xavier, Turing and later), every ROCm device
+    int8 = rocm_arch is not None or (major, minor) >= (7, 2)
+    return Precision(product, False, fast, f"{name}, {rate}", memory, int8)
 
 
 def float64_slowdown(device: torch.device, size: int = 1024, repeats: int = 3) -> float:
@@ -226,22 +231,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-#: Dispatch keys of the device types whose int8 products run on matrix units (tensor cores):
-#: not the CPU, where torch's int8 product measured 25 times slower than its float32 one
-#: (2026-12-06, 152×2900 by 2900×152).
-_DISPATCH_KEYS = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU", "meta": "Meta"}
+#: Dispatch keys of the device types :func:`has_int8_kernel` knows.
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS", "xpu": "XPU", "meta": "Meta"}
 
 
-def int8_products(device: torch.device) -> bool:
-    """Whether the split product's exact part runs in int8 with int32 sums on ``device``
-    (``torch._int_mm``: CUDA and ROCm, MPS from torch 2.14; the meta device stands for a GPU):
-    whether torch has the kernel, asked without running anything on the device."""
+def has_int8_kernel(device: torch.device) -> bool:
+    """Whether torch multiplies int8 matrices with int32 sums on ``device`` (``torch._int_mm``:
+    CUDA and ROCm, the CPU, MPS from torch 2.14), asked without running anything on it. A
+    policy uses them where they run on matrix units (:attr:`Precision.int8`): not on the CPU,
+    where torch's int8 product measured 25 times slower than its float32 one (2026-12-06,
+    152×2900 by 2900×152); :func:`use_precision` can still run a GPU's int8 path there."""
     key = _DISPATCH_KEYS.get(device.type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("aten::_int_mm", key)
 
 
 #: The host-solve policy of MPS and unknown device types (for :func:`use_precision`).
-HOST_SOLVE = Precision(SPLIT_FLOAT32, True, False, "no float64 on the device")
+HOST_SOLVE = Precision(SPLIT_FLOAT32, True, False, "no float64 on the device", int8=True)
 
 
 @contextlib.contextmanager

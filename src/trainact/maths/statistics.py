@@ -160,10 +160,10 @@ class SplitSums:
 
     Each entry is written y = (k + r)·q: q a power of two per feature (:func:`split_quantum`),
     z = y/q within ±63, k = round(z) an integer and r = z − k, |r| ≤ 1/2, exact in float32.
-    Σ kkᵀ is exact: on devices with int8 matrix units, int8 products with int32 sums over at
-    most :data:`INT8_COLUMNS` columns each (``torch._int_mm``), summed in ``exact_dtype``;
-    elsewhere (the CPU, where torch's int8 product is slow) float32 products of at most
-    :data:`FLOAT32_EXACT_COLUMNS` columns, exact too. The rest,
+    Σ kkᵀ is exact: with ``int8`` (devices with int8 matrix units), int8 products with int32
+    sums over at most :data:`INT8_COLUMNS` columns each (``torch._int_mm``), summed in
+    ``exact_dtype``; otherwise (the CPU, where torch's int8 product is slow) float32 products of
+    at most :data:`FLOAT32_EXACT_COLUMNS` columns, exact too. The rest,
     Σ zzᵀ − Σ kkᵀ = sym(Σ (z + k)·rᵀ), has terms about 2**-6 of the whole (of either sign:
     rounding, unlike truncation, leaves r unbiased), so its float32 rounding (TF32 off:
     :func:`trainact.maths.precision.ieee_float32_matmul`) is as small.
@@ -172,9 +172,9 @@ class SplitSums:
     each with the extra rows that make their products carry Σk, Σr and n.
     """
 
-    def __init__(self, quantum: Tensor, int8_products: bool, exact_dtype: torch.dtype) -> None:
+    def __init__(self, quantum: Tensor, int8: bool, exact_dtype: torch.dtype) -> None:
         self.quantum = quantum  # (groups, d) float32, powers of two
-        self.k_dtype = torch.int8 if int8_products else torch.float32
+        self.k_dtype = torch.int8 if int8 else torch.float32
         self.exact_dtype = exact_dtype  # float64, or int64 on a device without float64
         self.rows = self.k_rows(quantum.shape[1], self.k_dtype)
         self.exact: Tensor | None = None  # Σ kkᵀ (groups, rows, rows)
@@ -191,9 +191,9 @@ class SplitSums:
         return max(24, -(-(dim + 1) // 8) * 8) if k_dtype == torch.int8 else dim + 1
 
     @classmethod
-    def bytes_per_column(cls, groups: int, dim: int, int8_products: bool) -> int:
+    def bytes_per_column(cls, groups: int, dim: int, int8: bool) -> int:
         """The bytes of the two chunk buffers per column."""
-        k_dtype = torch.int8 if int8_products else torch.float32
+        k_dtype = torch.int8 if int8 else torch.float32
         return groups * (cls.k_rows(dim, k_dtype) * k_dtype.itemsize + 2 * 4 * (dim + 1))
 
     def buffers(self, cols: int, total: int) -> tuple[Tensor, Tensor]:

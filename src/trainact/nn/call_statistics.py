@@ -48,6 +48,7 @@ def call_statistics(
             precision.fast_float64,
             precision.device,
             precision.memory or 0,
+            precision.int8,
         )
         return PatchStatistics(data, adapter.groups, adapter.dim)
     return _compute(adapter, x, precision, state.lam)
@@ -129,7 +130,7 @@ def _split_product(
     and the chunk buffers are written from their patches."""
     groups, dim = adapter.groups, adapter.dim
     quantum = split_quantum(adapter.largest(x, mean), mean)  # per channel
-    int8 = policy.int8_products(x.device)
+    int8 = precision.int8 and policy.has_int8_kernel(x.device)
     exact_dtype = torch.int64 if precision.host_solve else torch.float64
     sums = SplitSums(adapter.expand(quantum), int8, exact_dtype)
     scale = quantum.reciprocal()  # z = x·scale + offset, exactly (q is a power of two)
@@ -187,7 +188,7 @@ def _split_product(
     "trainact::call_statistics",
     mutates_args=(),
     schema="(Tensor x, int[] spec, str padding_mode, Tensor lam, str product, bool host_solve, "
-    "bool fast_float64, str device, int memory) -> Tensor",
+    "bool fast_float64, str device, int memory, bool int8) -> Tensor",
 )
 def _call_statistics_op(
     x: Tensor,
@@ -199,9 +200,10 @@ def _call_statistics_op(
     fast_float64: bool,
     device: str,
     memory: int,
+    int8: bool,
 ) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
-    precision = policy.Precision(product, host_solve, fast_float64, device, memory or None)
+    precision = policy.Precision(product, host_solve, fast_float64, device, memory or None, int8)
     return _compute(adapter, x, precision, lam.item()).data
 
 
@@ -216,6 +218,7 @@ def _(
     fast_float64: bool,
     device: str,
     memory: int,
+    int8: bool,
 ) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
     size = adapter.groups * adapter.dim * adapter.dim + 1
