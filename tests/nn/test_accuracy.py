@@ -1,7 +1,8 @@
 """The statistics of one call (trainact/nn/call_statistics.py): accuracy at every input scale on
 real photos against the float64 reference, and the CPU's float32/float64 choice.
 
-The cases and their targets live in trainact.testing; benchmarks/py prints them as a table.
+The cases and their targets live in testing/accuracy_cases.py; benchmarks/accuracy.py prints
+them as a table.
 """
 
 from __future__ import annotations
