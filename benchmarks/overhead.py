@@ -18,7 +18,8 @@
    128 (``--mlp-batch``): step time with TrAct over without (target: ≤ 1.3) and the first
    layer's gradient against the float64 answer (target: ≤ 1e-5).
 
-``--statistics-dtype`` takes one or more of ``default`` (the device's precision policy),
+``--cpu-chunk-mib`` sets TrAct's chunk on the CPU (default 4 MiB), to measure what its size
+costs. ``--statistics-dtype`` takes one or more of ``default`` (the device's precision policy),
 ``float32`` (the split float32 path of devices without fast float64) and ``float64``: each
 benchmark runs TrAct once per value, so the paths' costs stand side by side.
 
@@ -212,7 +213,9 @@ def alternate_steps(
 
 
 def _worker_args(args: argparse.Namespace) -> list[str]:
-    return ["--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats)]
+    chunk = ["--cpu-chunk-mib", str(args.cpu_chunk_mib)] if args.cpu_chunk_mib else []
+    return ["--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats),
+            *chunk]  # fmt: skip
 
 
 def _run_stem(args: argparse.Namespace, method: str, dtype: str) -> dict[str, float | None]:
@@ -377,11 +380,18 @@ def main() -> None:
     parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="step autocast")
     parser.add_argument("--channels-last", action="store_true", help="step in channels_last")
     parser.add_argument("--in-process", action="store_true", help="no worker processes")
+    parser.add_argument(
+        "--cpu-chunk-mib", type=float, help="TrAct's chunk on the CPU, in MiB (default 4)"
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--worker", choices=["stem", "step"], help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.mlp_batch = args.mlp_batch or args.step_batch
+    if args.cpu_chunk_mib:  # what the CPU's chunk size costs: every TrAct call of this process
+        from trainact.nn import adapters
+
+        adapters.CHUNK_BYTES = int(args.cpu_chunk_mib * 2**20)
     if args.worker == "stem":
         dtype = args.statistics_dtype[0]
         print(json.dumps(stem_worker(args.method, args.batch, args.repeats, args.device, dtype)))
