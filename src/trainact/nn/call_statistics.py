@@ -126,8 +126,7 @@ def _split_product(
     """Add the patches of ``x`` centered on ``mean`` by the split product (z = (x − mean)/q,
     k = round(z)). Where the input is about as large as its patches (kernels that do not
     overlap), z and k are made in the chunk buffers from the patches; otherwise once per input
-    slice, in reused input-sized buffers (with zero padding, their padding is written once),
-    and the chunk buffers are written from their patches."""
+    slice, and the chunk buffers are written from their patches."""
     groups, dim = adapter.groups, adapter.dim
     quantum = split_quantum(adapter.largest(x, mean), mean)  # per channel
     int8 = precision.int8 and policy.has_int8_kernel(x.device)
@@ -140,20 +139,52 @@ def _split_product(
     # input-sized: float32 z and round(z), and that in int8 for int8 products
     per_element = _padding_bytes(adapter, x) if on_patches else 8 + int8
     cols = _columns(adapter, x, precision, per_column, per_element)
-    k_buffer, pair_buffer = sums.buffers(cols, adapter.num_patches(x))
-    if on_patches:  # z and k made in the pair buffer: (k, z) becomes (z + k, z − k)
-        offset, scale = adapter.entrywise(offset), adapter.entrywise(scale)
-        for part in adapter.slices(x, cols):
-            for piece in adapter.pieces(adapter.padded(part), cols):
-                width = piece.numel() // (groups * dim)
-                rounded, z = pair_buffer[..., :dim, :width]
-                torch.addcmul(offset, piece, scale, out=z.view(piece.shape))
-                torch.round(z, out=rounded)
-                k_buffer[:, :dim, :width].copy_(rounded)
-                sums.pair_in_place(rounded, z)
-                sums.add(k_buffer, pair_buffer, width)
-        sums.add_to(stats, adapter.expand(mean))
-        return
+    buffers = sums.buffers(cols, adapter.num_patches(x))
+    if on_patches:
+        _split_patches(sums, buffers, adapter, x, offset, scale, cols)
+    else:
+        _split_input_slices(sums, buffers, adapter, x, offset, scale, cols, int8)
+    sums.add_to(stats, adapter.expand(mean))
+
+
+def _split_patches(
+    sums: SplitSums,
+    buffers: tuple[Tensor, Tensor],
+    adapter: Adapter,
+    x: Tensor,
+    offset: Tensor,
+    scale: Tensor,
+    cols: int,
+) -> None:
+    """z and k made in the chunk buffers, from each chunk's patches: z in the pair buffer's
+    second half, k in its first, then (k, z) becomes (z + k, z − k) in place."""
+    (k_buffer, pair_buffer), dim = buffers, adapter.dim
+    offset, scale = adapter.entrywise(offset), adapter.entrywise(scale)
+    for part in adapter.slices(x, cols):
+        for piece in adapter.pieces(adapter.padded(part), cols):
+            width = piece.numel() // (adapter.groups * dim)
+            rounded, z = pair_buffer[..., :dim, :width]
+            torch.addcmul(offset, piece, scale, out=z.view(piece.shape))
+            torch.round(z, out=rounded)
+            k_buffer[:, :dim, :width].copy_(rounded)
+            sums.pair_in_place(rounded, z)
+            sums.add(k_buffer, pair_buffer, width)
+
+
+def _split_input_slices(
+    sums: SplitSums,
+    buffers: tuple[Tensor, Tensor],
+    adapter: Adapter,
+    x: Tensor,
+    offset: Tensor,
+    scale: Tensor,
+    cols: int,
+    int8: bool,
+) -> None:
+    """z and k made once per input slice in reused input-sized buffers (with zero padding,
+    their padding written once: a zero, centered and scaled), the chunk buffers copied from
+    their patches: k, and (z + k, z − k) by one operation."""
+    (k_buffer, pair_buffer), dim = buffers, adapter.dim
     offset, scale = adapter.channelwise(offset), adapter.channelwise(scale)
     inputs: tuple[Tensor, Tensor, Tensor] | None = None  # z, round(z), k in k_buffer's dtype
     for part in adapter.slices(x, cols):
@@ -161,7 +192,7 @@ def _split_product(
             if inputs is None:  # the first slice is the largest
                 z = part.new_empty(adapter.padded_shape(part.shape), dtype=torch.float32)
                 if z.shape != part.shape:
-                    z.copy_(offset.expand_as(z))  # the padding's zeros, centered and scaled
+                    z.copy_(offset.expand_as(z))
             else:
                 z = inputs[0][: len(part)]
             torch.addcmul(offset, part, scale, out=adapter.unpadded(z))
@@ -169,18 +200,17 @@ def _split_product(
             z = torch.addcmul(offset, adapter.padded(part), scale)
         if inputs is None:
             rounded = torch.empty_like(z)
-            inputs = z, rounded, rounded if not int8 else torch.empty_like(z, dtype=torch.int8)
+            inputs = z, rounded, torch.empty_like(z, dtype=torch.int8) if int8 else rounded
         rounded, k = torch.round(z, out=inputs[1][: len(part)]), inputs[2][: len(part)]
         if int8:
             k.copy_(rounded)
         views = (adapter.pieces(t, cols) for t in (z, rounded, k))
         for z_piece, rounded_piece, k_piece in zip(*views, strict=True):
-            width = k_piece.numel() // (groups * dim)
+            width = k_piece.numel() // (adapter.groups * dim)
             k_buffer[:, :dim, :width].view(k_piece.shape).copy_(k_piece)
             out = pair_buffer[..., :dim, :width].view(2, *k_piece.shape)
             sums.pair(z_piece, rounded_piece, out)
             sums.add(k_buffer, pair_buffer, width)
-    sums.add_to(stats, adapter.expand(mean))
 
 
 # The schema spelled out: torch 2.4 to 2.6 cannot infer it from string annotations
