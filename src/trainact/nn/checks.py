@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from trainact import distributed
 from trainact.nn.adapters import SUPPORTED_TYPES
 
 STATISTICS_DTYPES = (None, torch.float32, torch.float64)
@@ -225,3 +226,17 @@ def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> 
         )
     if defer:
         deferrable_weight(layer)
+
+
+def check_summed_call(label: str) -> None:
+    """Refuse a call whose statistics are summed over processes inside DDP's join context,
+    which cannot shadow TrAct's all-reduce for a process that ran out of inputs."""
+    if distributed.in_ddp_join():
+        raise RuntimeError(
+            f"TrAct on {label} sums its statistics over the processes with an all-reduce that "
+            "DistributedDataParallel's join() (torch.distributed.algorithms.Join) cannot shadow "
+            "for a process that ran out of inputs, so the group would hang or fail: give every "
+            "process the same number of batches (e.g. DistributedSampler(..., drop_last=True)) "
+            "and train without join(), or enable TrAct with process_group=None (each "
+            "process's own statistics, as torch_tract does)"
+        )

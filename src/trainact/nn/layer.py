@@ -144,7 +144,7 @@ class PreconditionWeight(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: D102
         stats, state = ctx.stats, ctx.state
         if state.defer:
-            deferred.accumulate(ctx.layer, state, stats, ctx.weight)
+            deferred.accumulate(ctx.layer, state, stats, ctx.weight, grad)
             return grad, None, None, None, None
         if ctx.reduction is not None:
             ctx.reduction.wait()
@@ -232,7 +232,10 @@ def _preconditioned_forward(
     if not adapter.valid(patches):  # a kernel larger than the input: the layer's own error
         return layer_forward(layer, input, weight, layer.bias)
     precision = precision_for(input.device, state.statistics_dtype, input.dtype)
-    group = None if state.defer else distributed.resolve(state.process_group)
+    group = distributed.resolve(state.process_group)
+    if group is not None:
+        checks.check_summed_call(state.name or type(layer).__name__)
+        group = None if state.defer else group
     with _no_autocast(input.device):
         if group is None and not x.is_nested and _row_form(state, adapter, input, precision):
             rows = center(adapter.rows(x))
