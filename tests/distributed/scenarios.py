@@ -238,6 +238,7 @@ def train_distributed(
     ddp_options: dict[str, Any] | None = None,
     sync_all: bool = False,
     discard: str = "",
+    clip: float = 0.0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train on this rank's shares under DDP or FSDP2; returns the model and collective counts.
 
@@ -248,9 +249,11 @@ def train_distributed(
     model before each step, whose backward never runs (a logging pass). With ``discard``, each
     step starts with a backward on other data whose gradient is then cleared (``"none"``:
     ``zero_grad()``, ``"zeros"``: ``zero_grad(set_to_none=False)``): it must leave nothing.
-    ``ddp_options`` go to DistributedDataParallel.
+    ``ddp_options`` go to DistributedDataParallel. ``clip`` clips the gradients to that norm
+    right before ``opt.step()`` (after ``precondition_``, or before it with ``on_step``).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
+    trainact.nn.deferred._warned_clipping = False  # each scenario may warn once
     model = model_fn()
     trainact.apply(
         model, LAM, layer=FIRST_LAYER[model_fn], process_group=process_group, defer=defer
@@ -292,6 +295,8 @@ def train_distributed(
                     loss_fn(out, y, scale).backward()
             if defer and not on_step:
                 trainact.precondition_(module)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
             opt.step()
     counts = {
         "async_calls": sum(log.calls),
@@ -409,6 +414,10 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
         conv_model, MICRO, defer=True, wrap="fsdp", discard="zeros"
     ),
     "ddp_defer_tied": lambda: refused(Tied, UNEVEN, defer=True),
+    "ddp_defer_clipped_after": lambda: compare(conv_model, MICRO, defer=True, clip=1e-3),
+    "ddp_defer_on_step_clipped": lambda: compare(
+        conv_model, MICRO, defer=True, on_step=True, clip=1e-3
+    ),
     "ddp_join": lambda: join("auto"),
     "ddp_join_per_process_statistics": lambda: join(None),
 }

@@ -143,3 +143,14 @@ def test_ddp_join_is_refused_at_the_first_step_naming_tract(scenario) -> None:
         assert "process_group=None" in measured["raised"]
     for measured in scenario("ddp_join_per_process_statistics"):
         assert measured["raised"] == ""
+
+
+def test_clipping_before_precondition_warns_after_ddp_averaging(scenario) -> None:
+    """precondition_on_step with clipping before optimizer.step(): the gradient DDP averaged was
+    clipped before TrAct, and each rank warns once naming precondition_. precondition_ first,
+    then clipping: no warning (DDP's averaging is not mistaken for a clip)."""
+    for measured in scenario("ddp_defer_on_step_clipped"):
+        assert len(measured["tract_warnings"]) == 1
+        assert "trainact.precondition_(model)" in measured["tract_warnings"][0]
+    for measured in scenario("ddp_defer_clipped_after"):
+        assert measured["tract_warnings"] == []

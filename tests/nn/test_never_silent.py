@@ -193,6 +193,89 @@ def test_tied_weights_with_defer_are_refused():
         trainact.apply(_Tied(), layer="encoder", defer=True)
 
 
+class _TiedFunctional(nn.Module):
+    """A tied autoencoder whose decoder reads the first layer's weight directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Linear(12, 4).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.tanh(self.encoder(x)), self.encoder.weight.t())
+
+
+@pytest.mark.parametrize("on_step", [False, True])
+def test_a_weight_used_outside_the_layer_with_defer_is_refused_naming_it(on_step):
+    """The decoder's share reaches encoder.weight.grad without passing the layer: with defer=True
+    precondition_ would precondition it too (0.5 apart from defer=False). Refused before the
+    step, naming the weight; the layer's own share alone is not (accumulation keeps working)."""
+    model = _TiedFunctional()
+    trainact.apply(model, layer="encoder", defer=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if on_step:
+        trainact.precondition_on_step(opt, model)
+    x = torch.randn(20, 12, dtype=F64)
+    for part in x.chunk(2):
+        (model(part) - part).square().mean().backward()
+    before = model.encoder.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"encoder\.weight\.grad received gradient from"):
+        opt.step() if on_step else trainact.precondition_(model)
+    assert torch.equal(model.encoder.weight, before)
+
+
+def _clip_steps(order: str, scaler: bool, k: int = 2, max_norm: float = 0.01) -> list[str]:
+    """Two steps of k micro-batches with defer=True, clipping and a step in ``order``; the
+    TrAct warnings they raise."""
+    model = _model().float()
+    trainact.apply(model, defer=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaler else None
+    if order == "on_step":
+        trainact.precondition_on_step(opt, model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            opt.zero_grad()
+            for seed in range(k):
+                x, y = (t.float() for t in _batch(10 * step + seed))
+                loss = _loss(model, x, y) / k
+                (grad_scaler.scale(loss) if grad_scaler else loss).backward()
+            if grad_scaler:
+                grad_scaler.unscale_(opt)
+            if order == "precondition_ first":
+                trainact.precondition_(model)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if order == "precondition_ after clipping":
+                trainact.precondition_(model)
+            if grad_scaler:
+                grad_scaler.step(opt)
+                grad_scaler.update()
+            else:
+                opt.step()
+    return [str(w.message) for w in caught if "TrAct" in str(w.message)]
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "GradScaler"])
+@pytest.mark.parametrize("order", ["on_step", "precondition_ after clipping"])
+def test_clipping_before_tract_warns_once_naming_precondition_(monkeypatch, order, scaler):
+    """precondition_on_step with clipping before optimizer.step() (timm's NativeScaler clips
+    inside its call) clipped the plain gradient: one warning naming the fix."""
+    monkeypatch.setattr(trainact.nn.deferred, "_warned_clipping", False)
+    caught = _clip_steps(order, scaler)
+    assert len(caught) == 1 and "trainact.precondition_(model)" in caught[0]
+    assert "before clipping" in caught[0]
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "GradScaler"])
+def test_no_clipping_warning_on_the_legitimate_paths(monkeypatch, scaler):
+    """precondition_ after GradScaler.unscale_ (a power of two) and before clipping, with
+    accumulation; precondition_on_step with a clip that does not bite (factor 1): no warning."""
+    monkeypatch.setattr(trainact.nn.deferred, "_warned_clipping", False)
+    assert _clip_steps("precondition_ first", scaler, k=3) == []
+    assert _clip_steps("on_step", scaler, max_norm=1e9) == []
+
+
 # ---- frozen layers ---------------------------------------------------------------------------
 
 
