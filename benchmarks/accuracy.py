@@ -24,6 +24,7 @@ import argparse
 import json
 import platform
 import re
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,15 +33,17 @@ from pathlib import Path
 import torch
 
 from trainact.maths.precision import precision_for
-from trainact.testing import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository-root `testing`
+from testing.accuracy_cases import (  # noqa: E402
     ACCURACY_CASES,
-    LAM,
     STATISTICS_DTYPES,
     case_error,
     case_target,
     many_chunk_cases,
     photos,
 )
+from testing.harness import LAM  # noqa: E402
 
 
 @contextmanager

@@ -79,7 +79,7 @@ DEVICE_TESTS = (
     "tests/maths/test_statistics.py",
     "tests/maths/test_rows.py",
     "tests/nn/test_never_silent.py",
-    "tests/nn/test_steps.py",
+    "tests/nn/test_step_guard.py",
     "tests/nn/test_discovery.py",
     "tests/nn/test_discovery_zoo.py",
     "tests/nn/test_training_machinery.py",  # compiles last: the slowest

@@ -171,7 +171,8 @@ def _model_and_batch(name: str, batch: int, device: str) -> tuple[torch.Tensor, 
 def mlp_error(d: int, batch: int, device: str, statistics_dtype: str = "default") -> float:
     """The MLP's first layer (``Linear(d, 512)``): its TrAct gradient against the float64 answer
     for the same input."""
-    from trainact.testing import tract_error
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the root `testing`
+    from testing.harness import tract_error
 
     torch.manual_seed(0)
     x = torch.randn(batch, d, device=device)

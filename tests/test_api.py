@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import math
 import pickle
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 import trainact
+from trainact.nn import compat
 
 
 class Net(nn.Module):
@@ -44,7 +46,7 @@ def test_apply_finds_the_first_layer_in_forward_order():
 def test_apply_named_layer_and_the_model_itself():
     model = Net()
     assert trainact.apply(model, 0.5, layer="head") == "head"
-    assert trainact.nn.layer.state_of(model.head).lam == 0.5
+    assert trainact.nn.state.state_of(model.head).lam == 0.5
     layer = nn.Linear(3, 2)
     assert trainact.apply(layer) == ""
     assert trainact.is_enabled(layer)
@@ -103,7 +105,7 @@ def test_copies_keep_tract_and_are_independent(clone):
     trainact.apply(model, 0.2)
     copied = clone(model)
     assert trainact.is_enabled(copied.stem)
-    assert trainact.nn.layer.state_of(copied.stem) is not trainact.nn.layer.state_of(model.stem)
+    assert trainact.nn.state.state_of(copied.stem) is not trainact.nn.state.state_of(model.stem)
     assert type(copied.stem) is type(model.stem)
     x = torch.randn(3, 3, 8, 8)
     torch.testing.assert_close(_step(copied, x), _step(model, x), rtol=0, atol=0)
@@ -140,9 +142,9 @@ def test_enabling_twice_is_refused_and_never_preconditions_twice():
 
 def test_eval_no_grad_and_frozen_weights_do_no_covariance_work(monkeypatch):
     calls = []
-    original = trainact.nn.layer.patch_statistics
+    original = trainact.nn.layer.call_statistics
     monkeypatch.setattr(
-        trainact.nn.layer, "patch_statistics", lambda *a: calls.append(1) or original(*a)
+        trainact.nn.layer, "call_statistics", lambda *a: calls.append(1) or original(*a)
     )
     layer = trainact.TrAct(nn.Conv2d(3, 4, 3))
     x = torch.randn(20, 3, 6, 6)  # n > d: the Gram path
@@ -250,3 +252,94 @@ def test_vit_style_model_finds_the_patch_embedding():
             return self.head(self.blocks(t)[:, 0])
 
     assert trainact.apply(TinyViT()) == "patch"
+
+
+# ---- where TrAct runs: the log line and the summary -------------------------------------------
+
+
+def _first_call_lines(caplog: pytest.LogCaptureFixture, lam: float) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "trainact"
+        and r.getMessage().startswith("TrAct on")
+        and f"={lam:g}," in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("batch", [2, 64], ids=["n×n form", "d×d form"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_first_training_call_logs_one_line_naming_layer_lambda_deferral_and_precision(
+    caplog, batch, compiled
+):
+    """Once per layer, eagerly and under torch.compile(fullgraph=True), in both forms (n = 2
+    patches against d = 192 takes the n×n form)."""
+    if compiled and compat.torch_version() < compat.MINIMUM_TORCH["torch.compile"][0]:
+        pytest.skip("torch.compile of a TrAct layer needs torch>=2.8")
+    lam = 0.0123 + 0.001 * batch + 0.0001 * compiled  # a line of its own for each case
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+    assert trainact.apply(model, lam=lam) == "1"
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    with caplog.at_level(logging.INFO, logger="trainact"):
+        for _ in range(3):
+            run(torch.randn(batch, 3, 8, 8)).sum().backward()
+    (line,) = _first_call_lines(caplog, lam)
+    assert line.startswith(
+        f"TrAct on 1 (Linear): lambda={lam:g}, applied in backward, world size 1;"
+    )
+    assert "cpu: float32 product" in line and "n×n form for n < d" in line
+
+
+def test_summary_names_every_enabled_layer_and_how():
+    model = Net()
+    assert trainact.summary(model) == "TrAct is enabled on no layer of Net"
+    trainact.apply(model, lam=0.2, defer=True)
+    trainact.TrAct(model.head, l=0.5, statistics_dtype=torch.float32)
+    lines = trainact.summary(model).splitlines()
+    assert lines[0].startswith(
+        "TrAct on head (Linear): lambda=0.5, applied in backward, world size 1"
+    )
+    assert "split float32 product" in lines[0]
+    assert lines[1].startswith("TrAct on stem (Conv2d): lambda=0.2, deferred to precondition_,")
+    assert "cpu: float32 product of centered patches" in lines[1]
+    model.stem.weight.requires_grad_(False)
+    assert trainact.summary(model).splitlines()[1].endswith("(frozen: nothing to do)")
+
+
+# ---- torch versions ---------------------------------------------------------------------------
+
+
+def test_torch_compile_below_its_minimum_raises_naming_the_version(monkeypatch):
+    """Below torch 2.8 (here: this torch, made to say 2.7) compiling a TrAct layer raises an
+    error that names torch.compile and the version it needs."""
+    monkeypatch.setattr(compat, "torch_version", lambda: (2, 7))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    trainact.apply(model)
+    compiled = torch.compile(model, backend="eager")
+    with pytest.raises(Exception, match=r"torch.compile of a layer with TrAct needs torch>=2\.8"):
+        compiled(torch.randn(2, 3, 6, 6))
+
+
+def test_fsdp2_gradients_below_its_minimum_raise_naming_the_version(monkeypatch):
+    """A sharded (DTensor) gradient at precondition_ below torch 2.7 raises naming FSDP2."""
+    pytest.importorskip("torch.distributed.tensor")
+    monkeypatch.setattr(compat, "torch_version", lambda: (2, 6))
+    monkeypatch.setattr(trainact.distributed, "is_dtensor", lambda tensor: True)
+    layer = trainact.TrAct(nn.Linear(4, 2), defer=True)
+    layer(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"FSDP2 of a layer with TrAct needs torch>=2\.7"):
+        trainact.precondition_(layer)
+
+
+# ---- the random stream ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["fx", "example_inputs", "layer"])
+def test_apply_draws_nothing_from_the_global_generator(how):
+    """Enabling TrAct, discovery included, leaves torch's global random stream where it was (the
+    reference implementation draws from it when it builds its layer)."""
+    model = Net()
+    inputs = torch.zeros(2, 3, 8, 8) if how == "example_inputs" else None
+    before = torch.get_rng_state()
+    trainact.apply(model, layer="stem" if how == "layer" else None, example_inputs=inputs)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import trainact
 from trainact import testing
 
 F64 = torch.float64
@@ -44,27 +43,6 @@ def test_reference_gradient_is_the_explicit_formula():
     torch.testing.assert_close(testing.reference_tract_grad(layer, x, g, 0.3), expected)
 
 
-def test_tract_error_tells_the_right_lambda_from_a_wrong_one():
-    torch.manual_seed(0)
-    x, grad = torch.randn(8, 3, 10, 10), torch.randn(8, 4, 8, 8)
-    got, expected = {}, {}
-    for lam in (0.1, 1.0):
-        torch.manual_seed(1)
-        layer = nn.Conv2d(3, 4, 3)
-        got[lam], expected[lam] = testing.tract_and_reference_grads(
-            layer, x, lam=lam, grad_output=grad
-        )
-    assert testing.relative_error(got[0.1], expected[0.1]) < 1e-5
-    assert testing.relative_error(got[0.1], expected[1.0]) > 1e-2
-
-
-def test_n_smaller_than_d_uses_the_exact_answer():
-    """For n < d the reference is the float64 answer for the input (exact_tract_grad), which
-    the n×n form meets."""
-    torch.manual_seed(0)
-    assert testing.tract_error(nn.Linear(300, 8), 255 * torch.rand(16, 300)) < 1e-5
-
-
 def test_relative_error():
     a = torch.tensor([3.0, 4.0])
     assert testing.relative_error(a * 1.5, a) == pytest.approx(0.5)
@@ -77,41 +55,3 @@ def test_float64_device():
     assert testing.float64_device("cpu") == torch.device("cpu")
     assert testing.float64_device("cuda:1") == torch.device("cuda:1")
     assert testing.float64_device("mps") == torch.device("cpu")
-
-
-def test_step_error_is_nan_for_a_step_a_grad_scaler_skips():
-    torch.manual_seed(0)
-    model = testing.small_cnn()
-    trainact.apply(model)
-    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
-    assert testing.step_error(model, x, y) < 1e-5
-    x[0, 0, 0, 0] = math.inf
-    assert math.isnan(testing.step_error(model, x, y))
-
-
-def test_model_step_error_refuses_a_layer_called_twice():
-    class Twice(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Linear(4, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.stem(self.stem(x))
-
-    model = Twice()
-    trainact.apply(model, layer="stem")
-    with pytest.raises(RuntimeError, match="called 2 times"):
-        testing.model_step_error(model, "stem", (torch.randn(3, 4),))
-
-
-def test_accuracy_cases_and_photos():
-    pytest.importorskip("numpy")
-    names = [case.name for case in testing.ACCURACY_CASES]
-    assert len(set(names)) == len(names)
-    images = testing.photos(8)
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
-    assert 0 <= images.min() < 20 and 235 < images.max() <= 255  # raw pixels
-    over = testing.over_exposed(images)
-    assert over.min() >= 200 and over.max() <= 255 and over.shape[-1] == 128
-    assert testing.standardized(images).mean((0, 2, 3)).abs().max() < 1e-5
-    assert testing.tokens(images, 8).shape == (8, 16, 192)

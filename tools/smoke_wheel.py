@@ -35,6 +35,11 @@ def check_installed() -> None:
         sys.exit(f"no LICENSE in the wheel's metadata: {files}")
     if not resources.files("trainact").joinpath("py.typed").is_file():
         sys.exit("no py.typed in the installed package")
+    harness = [f for f in files if f.startswith("testing/")]
+    if harness:  # the repository-root test harness stays out of the wheel
+        sys.exit(f"the wheel ships the test harness: {harness}")
+    if "trainact.experiments" in sys.modules:
+        sys.exit("import trainact.testing imported trainact.experiments")
     print(f"trainact {version} from {location.parent} (LICENSE, py.typed)")
 
 

@@ -17,6 +17,7 @@ from trainact.api import (
     precondition_,
     precondition_on_step,
     remove,
+    summary,
 )
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "precondition_",
     "precondition_on_step",
     "remove",
+    "summary",
 ]
 __version__ = "0.2.0"

@@ -11,9 +11,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from trainact import distributed
-from trainact.nn import checks, deferred, steps
+from trainact.maths.precision import precision_for
+from trainact.nn import checks, compat, deferred, report, step_guard
 from trainact.nn import layer as tract_layer
 from trainact.nn.discovery import find_first_layer
+from trainact.nn.state import TrActState, state_of
 
 __all__ = [
     "TrAct",
@@ -23,6 +25,7 @@ __all__ = [
     "precondition_",
     "precondition_on_step",
     "remove",
+    "summary",
 ]
 
 logger = logging.getLogger("trainact")
@@ -40,13 +43,13 @@ def _enable(
 ) -> M:
     lam = checks.validate_settings(lam, statistics_dtype, process_group)
     label = name or type(layer).__name__
-    if tract_layer.state_of(layer) is not None:
+    if state_of(layer) is not None:
         raise RuntimeError(
             f"TrAct is already enabled on {label}; call trainact.remove() first to change its "
             "settings"
         )
     weight = checks.check_layer(layer, label, tract_layer.plain_class(layer), defer)
-    state = tract_layer.TrActState(lam, statistics_dtype, process_group, defer, label)
+    state = TrActState(lam, statistics_dtype, process_group, defer, label)
     tract_layer.enable(layer, state)
     logger.info(
         "TrAct enabled on %s (%s): lambda=%g, weight %s%s, statistics_dtype %s; world size %d%s "
@@ -82,21 +85,25 @@ def TrAct(  # noqa: N802  (the reference implementation's name, kept as a drop-i
     Args:
         layer: an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (any options).
         l: λ > 0, the regularization of Lemma 1 (the paper's default 0.1).
-        statistics_dtype: the dtype of the XᵀX product; the statistics are always assembled
-            and solved in float64, from patches centered on the input's means. None (default):
-            accurate at any input scale: float32 on the CPU where the centered patches' spread
-            over λ allows it, float64 where it does not (raw pixels), for n < d, for float64
-            layers, on accelerators and under torch.compile (see
-            :func:`trainact.nn.layer.gemm_dtype` and the README's accuracy table).
-            ``torch.float64``: always float64, exact to about 1e-8. ``torch.float32``: always
-            float32, fast where float64 is slow (consumer GPUs), accurate for normalized
-            inputs only (on CUDA it follows the float32 matmul precision, TF32 included).
+        statistics_dtype: which algorithm computes the patch product Σ xxᵀ (the expensive
+            part; the d×d assembly and solve always run in float64, on the CPU for a device
+            without float64). ``None`` (default): the device's precision policy
+            (:mod:`trainact.maths.precision`), accurate at any input scale: on the CPU a float32
+            product of centered patches where their spread over λ allows it, else float64; on
+            GPUs with full-rate float64 the float64 product; on other GPUs, MPS and unknown
+            devices the split product below; float64 layers get the float64 product.
+            ``torch.float64``: the float64 product everywhere (refused on MPS).
+            ``torch.float32``: the split product everywhere: each entry an exact small-integer
+            part plus a float32 remainder, with TF32 and reduced-precision matmuls off,
+            accurate at any input scale without float64 on the device. Calls with fewer
+            patches than entries per patch take the n×n form whatever this says.
         process_group: whose statistics a step uses, decided at every training forward:
             "auto" (XᵀX and n summed over the default group whenever torch.distributed is
             initialized with world size > 1 at that time, else this process's), None (this
             process's only, like the reference), or a ProcessGroup (summed over it). Summing
-            costs one asynchronous all-reduce of ``[XᵀX, n]`` per call, started in forward and
-            waited in backward; with world size 1 there is no collective. Every process of
+            costs one asynchronous all-reduce of ``[XᵀX, n]`` per call, started when the
+            layer's output gradient arrives and waited for just before its weight gradient is
+            preconditioned; with world size 1 there is no collective. Every process of
             the group must then run the layer's forward and backward each step (an empty
             batch is fine).
         defer: keep the weight gradient plain during backward and sum the statistics over
@@ -192,7 +199,40 @@ def is_enabled(module: nn.Module) -> bool:
 
 def enabled_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) for every layer of ``model`` with TrAct enabled."""
-    return [(n, m) for n, m in model.named_modules() if tract_layer.state_of(m) is not None]
+    return [(n, m) for n, m in model.named_modules() if state_of(m) is not None]
+
+
+def summary(model: nn.Module) -> str:
+    """Which layers of ``model`` have TrAct, and how: one line per layer naming it, λ, whether
+    its statistics are deferred, the world size and the precision path for the device and
+    dtype its weight has now (the line TrAct logs at the layer's first training call).
+
+    Example:
+        >>> import torch, trainact
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+        >>> _ = trainact.apply(model, lam=0.1)
+        >>> print(trainact.summary(model))  # doctest: +ELLIPSIS
+        TrAct on 0 (Conv2d): lambda=0.1, applied in backward, world size 1; cpu: ...
+    """
+    lines = []
+    for name, layer in enabled_layers(model):
+        state = state_of(layer)
+        assert state is not None  # an enabled layer
+        weight = checks.weight_parameter(layer)
+        try:
+            precision = precision_for(weight.device, state.statistics_dtype, weight.dtype)
+        except TypeError as err:  # a setting the device refuses (float64 on MPS)
+            lines.append(f"TrAct on {name or '<model>'}: {err}")
+            continue
+        line = report.describe(
+            name,
+            tract_layer.plain_class(layer).__name__,
+            state.settings,
+            distributed.world_size(state.process_group),
+            precision,
+        )
+        lines.append(line if weight.requires_grad else f"{line} (frozen: nothing to do)")
+    return "\n".join(lines) or f"TrAct is enabled on no layer of {type(model).__name__}"
 
 
 def precondition_(model: nn.Module) -> int:
@@ -212,10 +252,14 @@ def precondition_(model: nn.Module) -> int:
     Raises:
         NotImplementedError: a sharded (FSDP2) gradient of a grouped convolution.
     """
+    for _, layer in enabled_layers(model):
+        grad = checks.weight_parameter(layer).grad
+        if grad is not None and distributed.is_dtensor(grad):
+            compat.require("FSDP2")
     return sum(
-        deferred.precondition(layer, state)
+        deferred.finish(layer, state)
         for _, layer in enabled_layers(model)
-        if (state := tract_layer.state_of(layer)) is not None
+        if (state := state_of(layer)) is not None
     )
 
 
@@ -238,7 +282,7 @@ def precondition_on_step(optimizer: Any, model: nn.Module) -> RemovableHandle:
     Raises:
         TypeError: ``optimizer`` is not an optimizer and wraps none.
     """
-    return steps.on_step(optimizer, _PreconditionModel(model))
+    return step_guard.on_step(optimizer, _PreconditionModel(model))
 
 
 class _PreconditionModel:

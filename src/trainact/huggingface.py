@@ -20,13 +20,33 @@ import torch
 from torch import nn
 
 import trainact
+from trainact import wording
+from trainact.nn.compat import torch_version
 
+if torch_version() < (2, 6):
+    raise ImportError(
+        f"trainact.huggingface needs torch>=2.6 (transformers 5 does); this is torch "
+        f"{torch.__version__}"
+    )
 try:
     from transformers import Trainer
+    from transformers.utils import logging as hf_logging
 except ImportError as err:
     raise ImportError("trainact.huggingface needs transformers: pip install transformers") from err
 
 __all__ = ["TrActMixin", "TrActTrainer"]
+
+# The Trainer's own logger: the line saying where TrAct runs shows where the Trainer's do
+# (``log_level="info"``, or ``transformers.logging.set_verbosity_info()``)
+logger = hf_logging.get_logger("transformers.trainer")
+
+#: apply()'s keywords in the mixin's words, for its errors
+_KEYWORDS = {
+    "layer=": "tract_layer=",
+    "example_inputs": "tract_example_inputs",
+    "lam": "tract_lam",
+    "statistics_dtype": "tract_statistics_dtype",
+}
 
 # The mixin's base for the type checker: the Trainer whose methods it extends (at run time the
 # mixin has no base of its own, so that it goes before any Trainer subclass).
@@ -75,6 +95,7 @@ class TrActMixin(_TrainerBase):
         self.tract_lam, self.tract_layer = tract_lam, tract_layer
         self.tract_statistics_dtype = tract_statistics_dtype
         self.tract_example_inputs = tract_example_inputs
+        self._tract_reported = False  # the summary is logged at the first training step
         if model is not None:  # before the Trainer moves it: still where the user built it
             self._enable_tract(model)  # (with model_init, call_model_init enables TrAct)
         super().__init__(model, *args, **kwargs)
@@ -94,6 +115,9 @@ class TrActMixin(_TrainerBase):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         loss: torch.Tensor = super().training_step(model, inputs, num_items_in_batch)
+        if not self._tract_reported and self.model is not None:  # on its device now
+            self._tract_reported = True
+            logger.info(trainact.summary(self.model))
         if self.accelerator.sync_gradients:  # the last micro-batch: clipping and a step follow
             trainact.precondition_(model)
         return loss
@@ -105,14 +129,16 @@ class TrActMixin(_TrainerBase):
                 f"TrAct is already enabled on {names} of {type(model).__name__}; the Trainer "
                 "enables it itself (tract_lam=, tract_layer=): call trainact.remove(model) first"
             )
-        trainact.apply(
-            model,
-            self.tract_lam,
-            layer=self.tract_layer,
-            statistics_dtype=self.tract_statistics_dtype,
-            defer=True,
-            example_inputs=self.tract_example_inputs,
-        )
+        with wording.keywords(_KEYWORDS):
+            trainact.apply(
+                model,
+                self.tract_lam,
+                layer=self.tract_layer,
+                statistics_dtype=self.tract_statistics_dtype,
+                defer=True,
+                example_inputs=self.tract_example_inputs,
+            )
+        self._tract_reported = False
         return model
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import trainact
-from trainact import distributed
+from trainact import distributed, wording
 
 try:
     import lightning.pytorch as pl
@@ -33,6 +33,13 @@ except ImportError:  # the package's older name
 __all__ = ["TrActCallback"]
 
 logger = logging.getLogger("trainact")
+
+#: apply()'s keywords in the callback's words, for its errors
+_KEYWORDS = {
+    "Pass example_inputs=": "Set the LightningModule's example_input_array = ",
+    "example_inputs": "example_input_array",
+    "layer=": "TrActCallback's layer=",
+}
 
 
 class TrActCallback(pl.Callback):
@@ -104,15 +111,16 @@ class TrActCallback(pl.Callback):
             map(_schedules_accumulation, trainer.callbacks)  # type: ignore[attr-defined]
         )
         self._deferred = self.defer or accumulates
-        self.layer_name = trainact.apply(
-            pl_module,
-            self.lam,
-            layer=self.layer,
-            statistics_dtype=self.statistics_dtype,
-            process_group=self.process_group,
-            defer=self._deferred,
-            example_inputs=pl_module.example_input_array if self.layer is None else None,
-        )
+        with wording.keywords(_KEYWORDS):
+            self.layer_name = trainact.apply(
+                pl_module,
+                self.lam,
+                layer=self.layer,
+                statistics_dtype=self.statistics_dtype,
+                process_group=self.process_group,
+                defer=self._deferred,
+                example_inputs=pl_module.example_input_array if self.layer is None else None,
+            )
         if accumulates and not self.defer:
             logger.info("TrAct statistics deferred to the optimizer step: gradients accumulate")
 
@@ -125,6 +133,10 @@ class TrActCallback(pl.Callback):
                 "but TrActCallback enabled TrAct without deferred statistics; each micro-batch "
                 "would be preconditioned alone. Pass TrActCallback(defer=True)"
             )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning's rank-zero log, beside its own lines: the model is on its device now
+        pl.utilities.rank_zero_info(trainact.summary(pl_module))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

@@ -21,6 +21,7 @@ import trainact
 pytest.importorskip("numpy")
 pytest.importorskip("PIL")
 pytest.importorskip("matplotlib")
+pytest.importorskip("torch_tract")  # the overhead part compares against it
 
 ROOT = Path(__file__).resolve().parents[2]
 TITLES = ("1. Device tests", "2. Cost", "3. Accuracy", "4. A first GPU point")

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 import trainact
+from trainact.nn import compat
 
 LAM = 0.1
 #: Float64 weights this close are "the same"; a change of statistics moves them by ~0.1.
@@ -388,9 +389,6 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_defer_no_sync_linear": lambda: compare(linear_model, MICRO, defer=True),
     "ddp_defer_on_step": lambda: compare(conv_model, MICRO, defer=True, on_step=True),
     "ddp_missed_precondition": lambda: missed_precondition("ddp"),
-    "fsdp": lambda: compare(conv_model, UNEVEN, wrap="fsdp"),
-    "fsdp_defer": lambda: compare(conv_model, MICRO, defer=True, wrap="fsdp"),
-    "fsdp_missed_precondition": lambda: missed_precondition("fsdp"),
     "ddp_defer_bucket_view_synced": lambda: compare(
         conv_model, MICRO, defer=True, ddp_options=BUCKET_VIEW, sync_all=True
     ),
@@ -407,12 +405,6 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_defer_bucket_view_discarded": lambda: compare(
         conv_model, MICRO, defer=True, ddp_options=BUCKET_VIEW, sync_all=True, discard="zeros"
     ),
-    "fsdp_defer_discarded": lambda: compare(
-        conv_model, MICRO, defer=True, wrap="fsdp", discard="none"
-    ),
-    "fsdp_defer_discarded_zeros": lambda: compare(
-        conv_model, MICRO, defer=True, wrap="fsdp", discard="zeros"
-    ),
     "ddp_defer_tied": lambda: refused(Tied, UNEVEN, defer=True),
     "ddp_defer_clipped_after": lambda: compare(conv_model, MICRO, defer=True, clip=1e-3),
     "ddp_defer_on_step_clipped": lambda: compare(
@@ -421,6 +413,16 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_join": lambda: join("auto"),
     "ddp_join_per_process_statistics": lambda: join(None),
 }
+if compat.torch_version() >= compat.MINIMUM_TORCH["FSDP2"][0]:  # (test_ddp skips them below)
+    SCENARIOS["fsdp"] = lambda: compare(conv_model, UNEVEN, wrap="fsdp")
+    SCENARIOS["fsdp_defer"] = lambda: compare(conv_model, MICRO, defer=True, wrap="fsdp")
+    SCENARIOS["fsdp_missed_precondition"] = lambda: missed_precondition("fsdp")
+    SCENARIOS["fsdp_defer_discarded"] = lambda: compare(
+        conv_model, MICRO, defer=True, wrap="fsdp", discard="none"
+    )
+    SCENARIOS["fsdp_defer_discarded_zeros"] = lambda: compare(
+        conv_model, MICRO, defer=True, wrap="fsdp", discard="zeros"
+    )
 
 
 def free_port() -> int:

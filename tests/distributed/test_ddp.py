@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 from scenarios import EXACT
 
+from trainact.nn import compat
+
 
 def assert_matches_one_process(ranks: list[dict]) -> None:
     for measured in ranks:
@@ -87,11 +89,20 @@ def test_defer_no_sync_accumulation_equals_one_big_batch(scenario, name: str) ->
         assert counts["latest_work_held"]
 
 
-@pytest.mark.parametrize("name", ["ddp_missed_precondition", "fsdp_missed_precondition"])
+#: FSDP2 fails inside torch on gloo up to 2.6 (trainact refuses it there)
+needs_fsdp2 = pytest.mark.skipif(
+    compat.torch_version() < compat.MINIMUM_TORCH["FSDP2"][0], reason="FSDP2 needs torch>=2.7"
+)
+
+
+@pytest.mark.parametrize(
+    "name", ["ddp_missed_precondition", pytest.param("fsdp_missed_precondition", marks=needs_fsdp2)]
+)
 def test_step_without_precondition_raises(scenario, name: str) -> None:
     assert all(measured["raised"] for measured in scenario(name))
 
 
+@needs_fsdp2
 @pytest.mark.parametrize("name", ["fsdp", "fsdp_defer"])
 def test_fsdp2_sharded_first_layer_equals_one_process(scenario, name: str) -> None:
     """fully_shard on the first layer (5 rows: shards of 3 and 2) and on the model."""
@@ -117,7 +128,11 @@ def test_deferred_statistics_survive_ddp_bucket_views(scenario, name: str) -> No
 
 @pytest.mark.parametrize(
     "name",
-    ["ddp_defer_bucket_view_discarded", "fsdp_defer_discarded", "fsdp_defer_discarded_zeros"],
+    [
+        "ddp_defer_bucket_view_discarded",
+        pytest.param("fsdp_defer_discarded", marks=needs_fsdp2),
+        pytest.param("fsdp_defer_discarded_zeros", marks=needs_fsdp2),
+    ],
 )
 def test_a_discarded_backward_leaves_nothing_under_bucket_views_and_fsdp2(scenario, name) -> None:
     """A probing backward whose gradient is cleared (zero_grad(), or zeroed in place) before the

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import trainact
-from trainact.experiments import cli, compare, plot, train
+from trainact.experiments import cli, compare, plot, provenance, train
 
 
 def quick(**kw) -> train.Config:
@@ -170,11 +170,11 @@ def test_a_redirected_stderr_gets_no_bars(tmp_path, capsys, monkeypatch):
 # What is recorded
 
 
-def test_job_json_records_versions_device_and_threads(tiny, tmp_path):
+def test_job_json_records_code_versions_device_and_threads(tiny, tmp_path):
     train.train(quick(epochs=1), tmp_path / "run", data=tiny, progress=False)
     job = json.loads((tmp_path / "run" / "job.json").read_text())
     assert job["environment"] == {
-        "trainact": trainact.__version__,
+        "code": provenance.code_identity(),
         "torch": torch.__version__,
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -349,3 +349,40 @@ def test_help_and_version_import_no_training_code():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_code_identity_names_this_checkout_s_commit():
+    """Run from a git checkout (as the tests are), the code is the checkout's commit, its
+    dirtiness the package's own, and the sources' hash that of the package's files."""
+    code = provenance.code_identity()
+    package = Path(trainact.__file__).parent
+    assert code["trainact"] == trainact.__version__
+    assert code["sources_sha256"] == provenance.sources_sha256(package)
+    head = subprocess.run(
+        ["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        pytest.skip("trainact is not imported from a git checkout here")
+    status = subprocess.run(
+        ["git", "-C", str(package), "status", "--porcelain", "--", "."],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert code["git_commit"] == head.stdout.strip()
+    assert code["git_dirty"] == bool(status.stdout.strip())
+
+
+def test_sources_hash_changes_with_any_source_and_untracked_code_has_no_commit(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+    (package / "sub" / "m.py").write_text("y = 2\n")
+    before = provenance.sources_sha256(package)
+    (package / "sub" / "m.py").write_text("y = 3\n")
+    assert provenance.sources_sha256(package) != before
+    (package / "sub" / "m.py").write_text("y = 2\n")
+    assert provenance.sources_sha256(package) == before
+    (package / "sub" / "m.py").rename(package / "sub" / "n.py")  # a file's name counts too
+    assert provenance.sources_sha256(package) != before
+    assert provenance._git(package) == {}  # not tracked by git: no commit to claim

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainact.experiments import cli, compare, train
+from trainact.experiments import cli, compare, provenance, train
 from trainact.experiments.evidence import (
     compare_evidence,
     compare_verdict,
@@ -323,6 +323,8 @@ def test_lambda_sweep_trains_the_baseline_once_per_budget_and_seed(folder, tmp_p
     ) == [("tract", lam, s) for lam in (0.1, 10.0) for s in (0, 1)]
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert {r["variant"] for r in summary["budgets"]} == {"tract λ=0.1", "tract λ=10"}
+    code = provenance.code_identity()  # every result names the code that produced it
+    assert summary["code"] == code and all(r["code"] == code for r in finals)
     assert (tmp_path / "sweep" / "lams.png").exists()
     runs.clear()
     assert cli.main(argv) == 0 and runs == []  # everything finished: nothing retrained

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import trainact
-from trainact.experiments import augment, cli, compare, train
+from trainact.experiments import augment, cli, compare, provenance, train
 from trainact.experiments.data import ImageDataset, load_dataset
 from trainact.experiments.models import FIRST_LAYER, MODEL_NAMES, build_model
 from trainact.experiments.presets import PRESET_NAMES
@@ -259,6 +259,7 @@ def test_compare_from_an_archive_writes_results_summary_and_plot(archive, tmp_pa
     assert len(lines) == 2 * 2 * 2  # methods x seeds x epochs
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["final"]) == {"baseline", "tract"} and "speedup" in summary
+    assert summary["code"] == provenance.code_identity()
     with Image.open(out / "accuracy.png") as png:
         assert png.size[0] > 100
     # same comparison again: resumed, nothing retrained or duplicated

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_task import N, make_data, make_net, reference
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainact
+from testing.tiny_task import N, make_data, make_net, reference
 
 accelerate = pytest.importorskip("accelerate")
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
-from tiny_task import N, make_data, make_net, reference
 from torch import nn
 
 import trainact
+from testing.tiny_task import N, make_data, make_net, reference
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402  (a dependency of transformers)
@@ -187,9 +190,32 @@ def test_model_init_gets_tract(tmp_path):
 
 def test_untraceable_model_without_a_layer_is_refused(tmp_path):
     model = transformers.ViTForImageClassification(tiny_vit_config())
-    with pytest.raises(ValueError, match="example_inputs"):
+    with pytest.raises(ValueError, match="tract_example_inputs=") as raised:
         TrActTrainer(model=model, args=arguments(tmp_path, 1), train_dataset=dataset())
+    assert "tract_layer=" in str(raised.value)  # the Trainer's keywords, not apply()'s
+    assert not re.search(r"(?<!tract_)(example_inputs|layer)=", str(raised.value))
     assert not trainact.is_enabled(model)
+
+
+def test_where_tract_runs_is_said_in_the_trainers_log(tmp_path, caplog):
+    transformers.logging.set_verbosity_info()
+    transformers.logging.enable_propagation()  # to caplog
+    try:
+        with caplog.at_level(logging.INFO):
+            trainer = TrActTrainer(
+                model=Classifier(),
+                args=arguments(tmp_path, 1),
+                train_dataset=dataset(),
+                tract_layer="net.0",
+            )
+            trainer.train()
+    finally:
+        transformers.logging.disable_propagation()
+        transformers.logging.set_verbosity_warning()
+    lines = [r.getMessage() for r in caplog.records if r.name == "transformers.trainer"]
+    assert [line for line in lines if line.startswith("TrAct on net.0 (Conv2d)")] == [
+        trainact.summary(trainer.model)
+    ]
 
 
 def test_already_enabled_model_is_refused(tmp_path):

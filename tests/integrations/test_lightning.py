@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-from tiny_task import N, make_data, make_net, reference
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainact
+from testing.tiny_task import N, make_data, make_net, reference
 
 pl = pytest.importorskip("lightning.pytorch")
 from trainact.lightning import TrActCallback  # noqa: E402
@@ -191,8 +193,22 @@ def test_first_layer_found_from_example_input_array():
     assert seen.names == ["net.0"]
     expected, _ = ref([slice(None)])
     torch.testing.assert_close(module.net[0].weight.detach(), expected[-1], rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="example_inputs"):
+    with pytest.raises(ValueError, match="example_input_array") as raised:
         fit(Untraceable(), [TrActCallback(0.1)], 1)
+    # the callback's words, not apply()'s
+    assert "TrActCallback's layer=" in str(raised.value) and "example_inputs" not in str(
+        raised.value
+    )
+
+
+def test_where_tract_runs_is_said_in_lightnings_rank_zero_log(caplog):
+    with caplog.at_level(logging.INFO):
+        fit(Module(), [TrActCallback(0.1)], 1)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith(pl.__name__)]
+    assert any(
+        line.startswith("TrAct on net.0 (Conv2d): lambda=0.1, applied in backward")
+        for line in lines
+    ), lines
 
 
 class LayerSeen(pl.Callback):
@@ -285,3 +301,34 @@ def test_two_views_per_micro_batch_with_accumulation_raise():
     micro-batch the way the non-deferred path preconditions them: refused."""
     with pytest.raises(RuntimeError, match="torch.cat"):
         fit(TwoViews(), [TrActCallback(0.1)], 1, batch_size=N // 2, accumulate_grad_batches=2)
+
+
+def test_lightning_cli_with_the_callback_from_the_command_line(tmp_path, capsys):
+    """trainact[lightning] brings what LightningCLI needs (jsonargparse[signatures]): the
+    callback given as ``--trainer.callbacks``, as the docs show."""
+    from lightning.pytorch.cli import LightningCLI
+
+    args = [
+        "fit",
+        "--trainer.callbacks+=trainact.lightning.TrActCallback",
+        "--trainer.callbacks.lam=0.2",
+        "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    cli = LightningCLI(CLIModule, args=args, save_config_callback=None)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, TrActCallback)]
+    assert callback.lam == 0.2 and not trainact.is_enabled(cli.model)  # removed after fit
+
+
+class CLIModule(Module):
+    """A module the CLI can build (its own data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(N)

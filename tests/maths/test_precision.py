@@ -14,16 +14,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainact
+from testing.accuracy_cases import ACCURACY_CASES, case_error, case_target, photos
 from trainact.maths import precision
-from trainact.testing import (
-    ACCURACY_CASES,
-    case_error,
-    case_target,
-    exact_tract_grad,
-    photos,
-    reference_tract_grad,
-    relative_error,
-)
+from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error
 
 CPU = torch.device("cpu")
 
@@ -134,6 +127,19 @@ def test_host_solve_path_is_accurate(device, case):
         assert ("aten.sum.dim_IntList", torch.int64, device.type) in log.ops  # the exact part
 
 
+def matmul_settings() -> tuple[str, str]:
+    """The float32 matmul precision of CUDA and oneDNN (torch 2.9 and later set each alone;
+    before, one global setting serves both)."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+        return cuda.fp32_precision, mkldnn.fp32_precision
+    return (torch.get_float32_matmul_precision(),) * 2
+
+
+#: :func:`matmul_settings` inside ``ieee_float32_matmul``
+IEEE = ("ieee",) * 2 if hasattr(torch.backends.cuda.matmul, "fp32_precision") else ("highest",) * 2
+
+
 class MatmulPrecision(TorchDispatchMode):
     """The matmul precision settings in force at each bmm of float32 operands (the statistics'
     float32 products), and how many bmm ran at all."""
@@ -147,8 +153,7 @@ class MatmulPrecision(TorchDispatchMode):
         if func is torch.ops.aten.bmm.default:
             self.products += 1
             if args[0].dtype == torch.float32:
-                settings = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
-                self.seen.append(tuple(s.fp32_precision for s in settings))
+                self.seen.append(matmul_settings())
         return func(*args, **(kwargs or {}))
 
 
@@ -170,7 +175,7 @@ def test_tf32_and_bf16_matmuls_never_reach_the_statistics(device, setting, stati
         if policy.product == precision.FLOAT64:
             assert not mode.seen
         else:
-            assert mode.seen and set(mode.seen) == {("ieee", "ieee")}
+            assert mode.seen and set(mode.seen) == {IEEE}
         assert torch.get_float32_matmul_precision() == setting
     finally:
         torch.set_float32_matmul_precision(before)
@@ -196,6 +201,7 @@ def test_tf32_allowed_globally_keeps_every_accuracy_target(device, statistics_dt
     target on each path. The CPU, which has no TF32, checks one case (the token rows that
     emulated TF32 breaks)."""
     pytest.importorskip("numpy")
+    pytest.importorskip("PIL")  # the photos are JPEG-decoded
     images = photos(256, device=device)
     cases = ACCURACY_CASES
     if device.type != "cuda":
@@ -226,10 +232,7 @@ class EmulatedTF32(TorchDispatchMode):
     whenever the matmul precision allows TF32."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if (
-            func is torch.ops.aten.bmm.default
-            and torch.backends.cuda.matmul.fp32_precision != "ieee"
-        ):
+        if func is torch.ops.aten.bmm.default and matmul_settings() != IEEE:
             args = tuple(
                 (a.view(torch.int32) & ~0x1FFF).view(torch.float32)
                 if isinstance(a, torch.Tensor) and a.dtype == torch.float32
@@ -244,6 +247,7 @@ def test_emulated_tf32_would_break_the_split_product(monkeypatch):
     """Why the split product turns TF32 off: with TF32's rounding emulated and the switch
     removed, raw pixels miss the target; with the switch, they meet it."""
     pytest.importorskip("numpy")
+    pytest.importorskip("PIL")  # the photos are JPEG-decoded
     images = photos(64)
     case = next(c for c in ACCURACY_CASES if c.name == "[0, 255], Linear on 8x8 tokens")
     before = torch.get_float32_matmul_precision()

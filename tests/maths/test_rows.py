@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainact.maths import precondition
+from trainact.maths import tract_gradient
 from trainact.maths.rows import center, row_inverse, weight_grad
 
 F64 = torch.float64
@@ -32,7 +32,7 @@ def test_row_form_equals_the_gram_form(device64, seed, groups, out, n, extra, la
     rows = center(x)
     inverse = row_inverse(rows, lam, host=False)
     count = torch.tensor(float(n), dtype=F64, device=device64)
-    gram = precondition(grad_out.mT @ x, x.mT @ x, count, lam)
+    gram = tract_gradient(grad_out.mT @ x, x.mT @ x, count, lam)
     result = weight_grad(grad_out, inverse, rows)
     torch.testing.assert_close(result, gram, rtol=1e-7, atol=1e-9 * gram.abs().max().item())
 
@@ -57,7 +57,7 @@ def test_float32_rows_whose_entries_dwarf_their_differences(case):
     grad_out = torch.randn(1, n, out, generator=gen)
     x64 = x.double()
     count = torch.tensor(float(n), dtype=F64)
-    exact = precondition(grad_out.double().mT @ x64, x64.mT @ x64, count, lam)
+    exact = tract_gradient(grad_out.double().mT @ x64, x64.mT @ x64, count, lam)
     rows = center(x)
     result = weight_grad(grad_out, row_inverse(rows, lam, host=False), rows)
     assert result.dtype == torch.float32

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainact
-from trainact.maths import precondition
+from trainact.maths import tract_gradient
 from trainact.maths.solve import cholesky_finite
 
 F64 = torch.float64
@@ -38,7 +38,7 @@ def test_solve_agrees_with_explicit_inverse(device64, seed, groups, out, n, d, l
     g, x = _problem(seed, groups, out, n, d)
     expected = g @ torch.linalg.inv(x.mT @ x / n + lam * torch.eye(d, dtype=F64))
     g, x = g.to(device64), x.to(device64)
-    solved = precondition(g, x.mT @ x, torch.tensor(float(n), dtype=F64, device=device64), lam)
+    solved = tract_gradient(g, x.mT @ x, torch.tensor(float(n), dtype=F64, device=device64), lam)
     assert solved.device == g.device
     torch.testing.assert_close(solved.cpu(), expected, rtol=1e-8, atol=1e-10)
 
@@ -53,7 +53,7 @@ def test_lemma_1_update_minimizes_the_activation_objective():
     z = x @ w.T
     loss = ((z - target) ** 2).mean()
     grad_z, grad_w = torch.autograd.grad(loss, (z, w))
-    tract = precondition(grad_w[None], x.T @ x, torch.tensor(float(n), dtype=F64), lam)[0]
+    tract = tract_gradient(grad_w[None], x.T @ x, torch.tensor(float(n), dtype=F64), lam)[0]
     delta = (-eta * tract).requires_grad_(True)
     objective = ((z.detach() - eta * n * grad_z - x @ (w.detach() + delta).T) ** 2).sum() + (
         lam * n * (delta**2).sum()
@@ -71,13 +71,13 @@ def test_lemma_1_update_minimizes_the_activation_objective():
 def test_large_lambda_recovers_the_plain_gradient():
     g, x = _problem(1, 2, 3, 20, 6)
     for lam in (1e4, 1e6):
-        scaled = lam * precondition(g, x.mT @ x, torch.tensor(20.0, dtype=F64), lam)
+        scaled = lam * tract_gradient(g, x.mT @ x, torch.tensor(20.0, dtype=F64), lam)
         torch.testing.assert_close(scaled, g, rtol=100 / lam, atol=100 / lam)
 
 
 def test_empty_batch_gives_zero_not_nan(device):
     g = torch.zeros(1, 3, 5, device=device)
-    out = precondition(
+    out = tract_gradient(
         g, torch.zeros(1, 5, 5, device=device), torch.tensor(0.0, device=device), 0.1
     )
     assert torch.equal(out, torch.zeros_like(g))
@@ -90,17 +90,17 @@ def test_non_finite_input_stays_non_finite_and_never_raises(device):
     count = torch.tensor(10.0, device=device)
     bad_grad = g.clone()
     bad_grad[0, 0, 0] = float("inf")
-    assert not precondition(bad_grad, gram, count, 0.1).isfinite().all()
+    assert not tract_gradient(bad_grad, gram, count, 0.1).isfinite().all()
     bad_gram = gram.clone()
     bad_gram[0, 1, 1] = float("nan")
-    assert not precondition(g, bad_gram, count, 0.1).isfinite().all()
+    assert not tract_gradient(g, bad_gram, count, 0.1).isfinite().all()
 
 
 def test_result_keeps_the_gradient_dtype(device):
     g, x = _problem(3, 1, 2, 8, 3)
     gram, count = (x.mT @ x).float().to(device), torch.tensor(8.0, device=device)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        out = precondition(g.to(device, dtype), gram, count, 0.1)
+        out = tract_gradient(g.to(device, dtype), gram, count, 0.1)
         assert out.dtype == dtype
 
 
@@ -113,7 +113,7 @@ def test_tiny_lambda_on_rank_deficient_statistics_is_finite(device64, lam):
     x = x.double()
     g = torch.randn(1, 4, 30, generator=gen, dtype=F64) @ (x[0].T @ x[0])  # in the row space
     g, gram = g.to(device64), (x.mT @ x).to(device64)
-    out = precondition(g, gram, torch.tensor(40.0, dtype=F64, device=device64), lam)
+    out = tract_gradient(g, gram, torch.tensor(40.0, dtype=F64, device=device64), lam)
     assert out.isfinite().all()
     eye = torch.eye(30, dtype=F64, device=device64)
     factor, info = torch.linalg.cholesky_ex(gram / 40 + lam * eye)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainact.maths import PatchStatistics, precondition
+from trainact.maths import PatchStatistics, tract_gradient
 from trainact.maths.statistics import (
     SPLIT_BITS,
     SPLIT_BLOCK,
@@ -60,10 +60,10 @@ def test_float32_chunks_of_raw_pixels_stay_accurate_when_centered(device64):
     raw.add_chunk(x.float(), torch.zeros(1, 12, device=device64))
     g = torch.randn(1, 4, 12, generator=gen, dtype=F64).to(device64)
     n = torch.tensor(20000.0, dtype=F64, device=device64)
-    expected = precondition(g, exact, n, 0.1)
+    expected = tract_gradient(g, exact, n, 0.1)
 
     def error(stats):
-        return ((stats.precondition(g, 0.1) - expected).norm() / expected.norm()).item()
+        return ((stats.tract_gradient(g, 0.1) - expected).norm() / expected.norm()).item()
 
     assert error(centered) < 1e-3
     assert error(raw) > 10 * error(centered)

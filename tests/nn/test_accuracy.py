@@ -1,5 +1,5 @@
-"""The statistics of one call (trainact/nn/statistics.py): accuracy at every input scale on real
-photos against the float64 reference, and the CPU's float32/float64 choice (issue 8).
+"""The statistics of one call (trainact/nn/call_statistics.py): accuracy at every input scale on
+real photos against the float64 reference, and the CPU's float32/float64 choice.
 
 The cases and their targets live in trainact.testing; benchmarks/py prints them as a table.
 """
@@ -13,18 +13,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainact
-from trainact.testing import (
+from testing.accuracy_cases import (
     ACCURACY_CASES,
     case_error,
     over_exposed,
     photos,
-    relative_error,
     smooth,
     standardized,
     tokens,
-    tract_and_reference_grads,
-    tract_error,
 )
+from testing.harness import tract_and_reference_grads, tract_error
+from trainact.testing import relative_error
 
 pytest.importorskip("numpy")
 pytest.importorskip("PIL")
@@ -94,12 +93,12 @@ def test_over_exposed_smooth_photos_no_longer_give_nan(images):
 
 def _record_products(monkeypatch) -> list[torch.dtype]:
     """The dtype of every product the CPU's statistics run, in order."""
-    from trainact.nn import statistics
+    from trainact.nn import call_statistics
 
     chosen: list[torch.dtype] = []
-    original = statistics._accumulate
+    original = call_statistics._accumulate
     monkeypatch.setattr(
-        statistics,
+        call_statistics,
         "_accumulate",
         lambda stats, adapter, x, mean, dtype: (
             chosen.append(dtype) or original(stats, adapter, x, mean, dtype)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_layer import _check
 from torch import nn
 
+from testing.harness import check_layer
 from trainact.maths import PatchStatistics
 from trainact.nn import adapters
 
@@ -37,7 +37,7 @@ def test_bounded_chunks_are_exact(device64, monkeypatch, layer, shape, dtype):
     dtype = dtype or torch.float64
     layer, x = layer.to(device64, dtype), torch.randn(shape, dtype=dtype).to(device64)
     tol = 1e-7 if dtype == torch.float64 else 2e-2
-    _check(layer, x, 0.1, tol, tol)
+    check_layer(layer, x, 0.1, tol, tol)
     assert len(seen) > 2, "the budget must have split the patches"
     # at most the budget, or one slice of one sample along the first output dimension
     adapter = adapters.adapter_for(layer)
@@ -54,7 +54,7 @@ def test_non_overlapping_patches_need_no_padding_copy(device64, monkeypatch):
         adapters.F, "pad", lambda *a, **k: calls.append(a) or torch.nn.functional.pad(*a, **k)
     )
     torch.manual_seed(0)
-    _check(
+    check_layer(
         nn.Conv2d(3, 8, 4, stride=4).double(),
         torch.randn(20, 3, 16, 16, dtype=torch.float64),
         0.1,

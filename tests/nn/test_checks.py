@@ -13,30 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 
 import trainact
-
-
-def _model(device: torch.device | None = None) -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 2))
-    return model.to(device, torch.float64)
-
-
-def _batches(
-    k: int = 2, device: torch.device | None = None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [
-        (
-            (3 + 2 * torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64)).to(device),
-            torch.randn(4, 2, generator=gen).to(device),
-        )
-        for _ in range(k)
-    ]
-
-
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """Mean squared error, divided by the number ``k`` of micro-batches of the step."""
-    return (model(x) - y.double()).square().mean() / k
+from testing.harness import regression_batches, regression_loss, regression_model
 
 
 @pytest.mark.parametrize(
@@ -90,9 +67,9 @@ def test_complex_weights_are_refused():
 
 
 def test_del_model_frees_it_without_the_cycle_collector():
-    model = _model()
+    model = regression_model()
     trainact.apply(model)
-    _loss(model, *_batches()[0]).backward()
+    regression_loss(model, *regression_batches()[0]).backward()
     ref = weakref.ref(model[0])
     gc.collect()  # unrelated garbage of earlier tests
     gc.disable()
@@ -115,7 +92,7 @@ def test_data_parallel_replicas_are_refused():
 
 
 def test_torch_export_refuses_training_mode_and_exports_eval_mode():
-    model = _model().float()
+    model = regression_model().float()
     trainact.apply(model)
     x = torch.randn(2, 3, 6, 6)
     with pytest.raises(Exception, match="torch.export"):
@@ -136,14 +113,14 @@ def test_lazy_layers_are_refused_until_initialized():
 def test_fx_tracing_keeps_the_tract_layer_whole():
     """torch.fx (feature extractors, quantization) keeps torch.nn layers as call_module leaves;
     the TrAct class must stay one, so a traced model still preconditions."""
-    model = _model()
+    model = regression_model()
     trainact.apply(model)
     traced = torch.fx.symbolic_trace(model)
     assert "0" in [n.target for n in traced.graph.nodes if n.op == "call_module"]
-    x, y = _batches()[0]
-    _loss(traced, x, y).backward()
-    plain = trainact.remove(_model())
-    _loss(plain, x, y).backward()
+    x, y = regression_batches()[0]
+    regression_loss(traced, x, y).backward()
+    plain = trainact.remove(regression_model())
+    regression_loss(plain, x, y).backward()
     assert not torch.allclose(traced.get_submodule("0").weight.grad, plain[0].weight.grad)
 
 

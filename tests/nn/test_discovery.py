@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import trainact
+from testing.harness import model_step_error
+from trainact.nn import compat
 from trainact.nn.discovery import find_first_layer
-from trainact.testing import model_step_error
 
 # ---- hand-made models: each first meets its input in one particular way ------------------------
 
@@ -184,6 +185,8 @@ REFUSED = [  # (model, input, words the error must contain)
 @pytest.mark.parametrize("run", [False, True], ids=["fx", "run"])
 @pytest.mark.parametrize(("cls", "x", "expected"), FOUND, ids=[c[0].__name__ for c in FOUND])
 def test_first_layer_found(cls, x, expected, run):
+    if cls is MaskedViT and not run and compat.torch_version() < (2, 11):
+        pytest.skip("torch.fx passes is_causal= to attention as a Proxy (seen on 2.4 and 2.8)")
     assert find_first_layer(cls(), x if run else None) == expected
 
 

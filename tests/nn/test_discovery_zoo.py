@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import trainact
+from testing.harness import model_step_error
 from trainact.nn.discovery import find_first_layer
-from trainact.testing import model_step_error
 
 IMAGES = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 

@@ -12,15 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import trainact
+from testing.harness import check_layer, plain_and_tract
 from trainact.testing import float64_device, reference_tract_grad
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-
-def plain_and_tract(layer: nn.Module, lam: float = 0.1) -> tuple[nn.Module, nn.Module]:
-    """A plain copy of ``layer`` and ``layer`` itself with TrAct enabled."""
-    plain = copy.deepcopy(layer)
-    return plain, trainact.TrAct(layer, l=lam)
 
 
 @st.composite
@@ -63,40 +58,12 @@ def conv_configs(draw):
     return layer, (batch, in_ch, *size)
 
 
-def _check(
-    layer: nn.Module,
-    x: torch.Tensor,
-    lam: float,
-    rtol: float,
-    atol: float,
-    device: torch.device | None = None,
-) -> None:
-    """Forward, input and bias gradients bit-identical to the plain layer's; the weight gradient
-    G·(XᵀX/n + λI)⁻¹ to ``rtol``/``atol``; layer and input moved to ``device`` first (made on
-    the CPU, so every device sees the same numbers)."""
-    if device is not None:
-        layer, x = layer.to(device), x.to(device)
-    plain, tract = plain_and_tract(layer, lam)
-    out_plain, out_tract = plain(x), tract(x)
-    assert torch.equal(out_plain, out_tract), "forward must be bit-identical"
-    grad_out = torch.randn_like(out_plain)
-    xp, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    plain(xp).backward(grad_out)
-    tract(xt).backward(grad_out)
-    expected = reference_tract_grad(tract, x, plain.weight.grad, lam)
-    assert tract.weight.grad.dtype == tract.weight.dtype
-    torch.testing.assert_close(tract.weight.grad.double(), expected, rtol=rtol, atol=atol)
-    assert torch.equal(xp.grad, xt.grad), "input gradient must be unchanged"
-    if plain.bias is not None:
-        assert torch.equal(plain.bias.grad, tract.bias.grad), "bias gradient must be unchanged"
-
-
 @settings(max_examples=60, deadline=None)
 @given(config=conv_configs(), seed=st.integers(0, 2**31), lam=st.sampled_from([0.01, 0.1, 1.0]))
 def test_conv_matches_float64_reference(device64, config, seed, lam):
     layer, shape = config
     torch.manual_seed(seed)
-    _check(layer.double(), torch.randn(shape, dtype=torch.float64), lam, 1e-7, 1e-9, device64)
+    check_layer(layer.double(), torch.randn(shape, dtype=torch.float64), lam, 1e-7, 1e-9, device64)
 
 
 @settings(max_examples=25, deadline=None)
@@ -104,7 +71,7 @@ def test_conv_matches_float64_reference(device64, config, seed, lam):
 def test_conv_float32_matches_float64_reference(device, config, seed):
     layer, shape = config
     torch.manual_seed(seed)
-    _check(layer, torch.randn(shape), 0.1, 2e-3, 2e-4, device)
+    check_layer(layer, torch.randn(shape), 0.1, 2e-3, 2e-4, device)
 
 
 @settings(max_examples=30, deadline=None)
@@ -118,7 +85,7 @@ def test_conv_float32_matches_float64_reference(device, config, seed):
 def test_linear_any_leading_dims_matches_float64_reference(device64, lead, in_f, out_f, bias, seed):
     torch.manual_seed(seed)
     layer = nn.Linear(in_f, out_f, bias=bias).double()
-    _check(layer, torch.randn(*lead, in_f, dtype=torch.float64), 0.1, 1e-7, 1e-9, device64)
+    check_layer(layer, torch.randn(*lead, in_f, dtype=torch.float64), 0.1, 1e-7, 1e-9, device64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -148,18 +115,18 @@ def test_channels_last_input_and_weights(device):
     torch.manual_seed(0)
     layer = nn.Conv2d(3, 5, 3, stride=2, padding=1).to(device, memory_format=torch.channels_last)
     x = torch.randn(4, 3, 11, 9).to(device, memory_format=torch.channels_last)
-    _check(layer, x, 0.1, 2e-3, 2e-4)
+    check_layer(layer, x, 0.1, 2e-3, 2e-4)
     layer3 = nn.Conv3d(2, 3, 2).to(device)
     x3 = torch.randn(2, 2, 4, 5, 4).to(device, memory_format=torch.channels_last_3d)
-    _check(layer3, x3, 0.1, 2e-3, 2e-4)
+    check_layer(layer3, x3, 0.1, 2e-3, 2e-4)
 
 
 def test_unbatched_conv_input(device64):
     torch.manual_seed(0)
     conv2d, x2 = nn.Conv2d(2, 3, 3, padding=1).double(), torch.randn(2, 6, 5, dtype=torch.float64)
-    _check(conv2d, x2, 0.1, 1e-7, 1e-9, device64)
+    check_layer(conv2d, x2, 0.1, 1e-7, 1e-9, device64)
     conv1d, x1 = nn.Conv1d(2, 3, 2).double(), torch.randn(2, 7, dtype=torch.float64)
-    _check(conv1d, x1, 0.1, 1e-7, 1e-9, device64)
+    check_layer(conv1d, x1, 0.1, 1e-7, 1e-9, device64)
 
 
 def test_empty_batch_gives_zero_gradient(device):

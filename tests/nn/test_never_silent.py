@@ -287,9 +287,9 @@ def test_a_frozen_first_layer_warns_naming_it_and_costs_nothing(monkeypatch):
     with pytest.warns(UserWarning, match="frozen"):
         trainact.TrAct(nn.Linear(3, 2).requires_grad_(False))
     calls = []
-    original = trainact.nn.layer.patch_statistics
+    original = trainact.nn.layer.call_statistics
     monkeypatch.setattr(
-        trainact.nn.layer, "patch_statistics", lambda *a: calls.append(1) or original(*a)
+        trainact.nn.layer, "call_statistics", lambda *a: calls.append(1) or original(*a)
     )
     _loss(model, *_batch(1)).backward()
     assert not calls

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import trainact
-from trainact.testing import tract_error
+from testing.harness import tract_error
 
 torch_tract = pytest.importorskip("torch_tract")
 

@@ -2,7 +2,7 @@
 every batch size), activation checkpointing.
 
 The layer's autograd functions (trainact/nn/layer.py) and the statistics' custom operator
-(trainact/nn/statistics.py) meet PyTorch's machinery here, not in one module of their own.
+(trainact/nn/call_statistics.py) meet PyTorch's machinery here, not in one module of their own.
 """
 
 from __future__ import annotations
@@ -18,13 +18,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import trainact
-from trainact import testing
-from trainact.testing import reference_tract_grad, relative_error, step_error
+from testing import harness
+from trainact.nn import compat
+from trainact.testing import reference_tract_grad, relative_error
+
+#: torch.compile of a TrAct layer needs a newer torch than the core (below, it is refused)
+needs_compile = pytest.mark.skipif(
+    compat.torch_version() < compat.MINIMUM_TORCH["torch.compile"][0],
+    reason="torch.compile of a TrAct layer needs torch>=2.8",
+)
 
 
 def small_cnn(device: torch.device | None = None) -> nn.Sequential:
     torch.manual_seed(0)
-    return testing.small_cnn(width=8, classes=5).to(device)
+    return harness.small_cnn(width=8, classes=5).to(device)
 
 
 def _grads(model: nn.Module, x: torch.Tensor, forward=None) -> dict[str, torch.Tensor]:
@@ -82,7 +89,7 @@ def test_fp16_grad_scaler_skips_exactly_the_steps_the_plain_model_skips(device):
     steps the plain model would, a non-finite plain gradient stays non-finite, and a skipped
     step leaves the weight alone."""
     torch.manual_seed(0)
-    model = testing.small_cnn().to(device)
+    model = harness.small_cnn().to(device)
     trainact.apply(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16, growth_interval=1)
@@ -93,7 +100,7 @@ def test_fp16_grad_scaler_skips_exactly_the_steps_the_plain_model_skips(device):
         if step == 3:
             x[0, 0, 0, 0] = math.inf
         plain = trainact.remove(copy.deepcopy(model))
-        error = step_error(model, x, y, amp=torch.float16, scaler=scaler, plain=plain)
+        error = harness.step_error(model, x, y, amp=torch.float16, scaler=scaler, plain=plain)
         if not plain[0].weight.grad.isfinite().all():
             assert not model[0].weight.grad.isfinite().all(), f"step {step} made finite"
         scale, before = scaler.get_scale(), model[0].weight.detach().clone()
@@ -119,7 +126,7 @@ def test_no_host_synchronization_is_added_to_a_training_step(device):
     if device.type != "cuda":
         pytest.skip("torch.cuda.set_sync_debug_mode needs CUDA (elsewhere nothing waits)")
     torch.manual_seed(0)
-    plain = testing.small_cnn(width=16).to(device)
+    plain = harness.small_cnn(width=16).to(device)
     tract = copy.deepcopy(plain)
     trainact.apply(tract)
     x, y = _batch(device, 300, b=64, hw=32)
@@ -186,6 +193,7 @@ def test_checkpoint_neither_double_counts_nor_mispairs(device, reentrant):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
 
 
+@needs_compile
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
@@ -201,6 +209,7 @@ def test_torch_compile_fullgraph(device, backend):
     assert not torch.allclose(got["0.weight"], _grads(plain, x)["0.weight"])
 
 
+@needs_compile
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_compiled_sgd_steps_are_exact(device, mode):
     """Three SGD steps through ``torch.compile(fullgraph=True)``, each TrAct gradient against
@@ -210,7 +219,7 @@ def test_compiled_sgd_steps_are_exact(device, mode):
         pytest.skip("mode='reduce-overhead' records CUDA graphs: CUDA only")
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = testing.small_cnn().to(device)
+    model = harness.small_cnn().to(device)
     trainact.apply(model)
     options = {"mode": mode} if mode else {}
     compiled = torch.compile(model, fullgraph=True, backend=_backend(device), **options)
@@ -219,11 +228,12 @@ def test_compiled_sgd_steps_are_exact(device, mode):
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         x, y = _batch(device, 200 + step)
-        assert step_error(model, x, y * 2, forward=compiled) <= 1e-4, step
+        assert harness.step_error(model, x, y * 2, forward=compiled) <= 1e-4, step
         opt.step()
         opt.zero_grad(set_to_none=True)
 
 
+@needs_compile
 def test_compile_with_deferred_accumulation_equals_one_big_batch(device):
     """defer=True runs the layer eagerly under compile (a graph break) and stays exact."""
     torch._dynamo.reset()
@@ -257,6 +267,7 @@ MODELS = {
 }
 
 
+@needs_compile
 @pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_compile_one_graph_for_every_batch_size(device, model, how):
@@ -285,6 +296,7 @@ def test_compile_one_graph_for_every_batch_size(device, model, how):
     assert backend.graphs == 1
 
 
+@needs_compile
 def test_compile_inductor_dynamic_is_exact(device):
     torch._dynamo.reset()
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).to(device)
@@ -300,16 +312,17 @@ def test_compile_inductor_dynamic_is_exact(device):
         assert relative_error(net[0].weight.grad, eager[0].weight.grad) < 1e-6
 
 
+@needs_compile
 def test_compiled_cpu_statistics_still_choose_float32_where_accurate(monkeypatch):
     """Under torch.compile the CPU's data-dependent float32/float64 choice runs inside the
     custom operator: standardized inputs get the float32 product, raw pixels float64."""
-    from trainact.nn import statistics
+    from trainact.nn import call_statistics
 
     torch._dynamo.reset()
     chosen = []
-    original = statistics._accumulate
+    original = call_statistics._accumulate
     monkeypatch.setattr(
-        statistics,
+        call_statistics,
         "_accumulate",
         lambda stats, adapter, x, mean, dtype: (
             chosen.append(dtype) or original(stats, adapter, x, mean, dtype)

@@ -6,6 +6,7 @@ Each run is announced as "run k of N" with an estimate of the time left over all
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from trainact.experiments.evidence import (
     sweep_evidence,
 )
 from trainact.experiments.plot import figure_title, plot_budgets, plot_curves, plot_lams
+from trainact.experiments.provenance import code_identity
 from trainact.experiments.rundir import append_jsonl, claim, read_jsonl, write_json, write_jsonl
 from trainact.experiments.train import (
     RESUMABLE_CHANGES,
@@ -30,7 +32,6 @@ from trainact.experiments.train import (
     resolve_device,
     train,
 )
-from trainact.nn.checks import validate_lam
 
 
 def _distinct(name: str, values: Sequence[int]) -> list[int]:
@@ -173,6 +174,7 @@ def _compare(
     title = figure_title(cfg.model, cfg.dataset, len(seeds))
     summary = {
         "config": identity["config"],
+        "code": code_identity(),
         "seeds": list(seeds),
         "title": title,
         "final": _finals(records, cfg.epochs),
@@ -286,7 +288,7 @@ def _sweep(
         record = train(
             run_cfg, run_dir, resume=True, data=data, progress=progress, on_epoch=left.add
         )[-1]
-        record = _with_lam(record, lam)
+        record = {**_with_lam(record, lam), "code": code_identity()}
         append_jsonl(finals_path, record)
         finals.append(record)
         log(
@@ -298,7 +300,8 @@ def _sweep(
     if lams is not None:
         plot_lams(finals, out / "lams.png", title)
     rows = sweep_evidence(finals)
-    write_json(out / "summary.json", {"config": identity, "title": title, "budgets": rows})
+    summary = {"config": identity, "code": code_identity(), "title": title, "budgets": rows}
+    write_json(out / "summary.json", summary)
     log(
         f"\n{'budget':>6}  {'variant':>14}  {'baseline':>16}  {'TrAct':>16}  "
         f"{'TrAct - baseline [95% CI]':>26}  verdict"
@@ -322,11 +325,18 @@ def validate_lams(lams: Sequence[float]) -> tuple[float, ...]:
     """The λ values of a sweep: at least one, each positive and finite, none repeated."""
     if not lams:
         raise ValueError("lams must name at least one λ")
-    lams = tuple(validate_lam(lam) for lam in lams)
+    bad = [lam for lam in lams if not (_is_number(lam) and math.isfinite(lam) and lam > 0)]
+    if bad:
+        raise ValueError(f"each λ must be a positive finite number, got {bad}")
+    lams = tuple(float(lam) for lam in lams)
     repeated = sorted({lam for lam in lams if lams.count(lam) > 1})
     if repeated:
         raise ValueError(f"λ values repeated: {repeated}; each would be trained once")
     return lams
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _with_lam(record: dict[str, Any], lam: float | None) -> dict[str, Any]:

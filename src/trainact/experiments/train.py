@@ -31,6 +31,7 @@ from trainact.experiments import augment, rundir
 from trainact.experiments.config import Config
 from trainact.experiments.data import ImageDataset, load_dataset
 from trainact.experiments.models import FIRST_LAYER, build_model
+from trainact.experiments.provenance import code_identity
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -64,9 +65,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Where a run is computed: versions, device and CPU threads (recorded in ``job.json``)."""
+    """Where and by which code a run is computed: the code's identity, versions, device and CPU
+    threads (recorded in ``job.json``)."""
     env = {
-        "trainact": trainact.__version__,
+        "code": code_identity(),
         "torch": torch.__version__,
         "device": str(device),
         "threads": torch.get_num_threads(),

@@ -1,8 +1,8 @@
 """The maths of TrAct, free of modules and hooks: the precision policy, patch statistics, the
-preconditioner solve and its n×n form."""
+TrAct gradient's solve and its n×n form."""
 
 from trainact.maths.precision import Precision, precision_for
-from trainact.maths.solve import precondition
+from trainact.maths.solve import tract_gradient
 from trainact.maths.statistics import PatchStatistics
 
-__all__ = ["PatchStatistics", "Precision", "precision_for", "precondition"]
+__all__ = ["PatchStatistics", "Precision", "precision_for", "tract_gradient"]

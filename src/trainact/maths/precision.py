@@ -163,7 +163,15 @@ def ieee_float32_matmul() -> Iterator[None]:
     CPU), whatever the user's global setting; the setting is restored afterwards."""
     cuda = torch.backends.cuda.matmul
     # torch.backends.mkldnn is replaced at import by a module object that has .matmul
-    mkldnn = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    if mkldnn is None or not hasattr(cuda, "fp32_precision"):  # torch < 2.9: the global knob
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+        return
     saved = cuda.fp32_precision, mkldnn.fp32_precision
     cuda.fp32_precision = mkldnn.fp32_precision = "ieee"
     try:

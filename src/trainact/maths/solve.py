@@ -50,7 +50,7 @@ def _sync_is_free(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
 
 
-def precondition(grad: Tensor, gram: Tensor, count: Tensor, lam: float | Tensor) -> Tensor:
+def tract_gradient(grad: Tensor, gram: Tensor, count: Tensor, lam: float | Tensor) -> Tensor:
     """G·(gram/n + λI)⁻¹ per group by a float64 Cholesky solve, returned in ``grad``'s dtype.
 
     Args:

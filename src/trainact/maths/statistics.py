@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainact.maths.solve import precondition
+from trainact.maths.solve import tract_gradient
 
 #: Bits of the exact part of each entry in the split product, and the columns summed exactly per
 #: block: |k| ≤ 2**7, so a block's Σ k·k ≤ 1024·2**14 = 2**24, every partial sum an integer that
@@ -90,16 +90,16 @@ class PatchStatistics:
     def clone(self) -> PatchStatistics:
         return PatchStatistics(self.data.clone(), self.groups, self.dim)
 
-    def precondition(self, grad: Tensor, lam: float | Tensor) -> Tensor:
+    def tract_gradient(self, grad: Tensor, lam: float | Tensor) -> Tensor:
         """G·(S/n + λI)⁻¹ for a weight gradient of any shape ``(out, ...)`` with d per group,
         solved where the statistics are (the CPU for a device without float64) and returned on
         the gradient's device.
 
-        A row-sharded gradient (FSDP2) is preconditioned shard by shard: TrAct acts on each
+        A row-sharded gradient (FSDP2) is solved shard by shard: TrAct acts on each
         output row alone.
         """
         grouped = grad.reshape(self.groups, -1, self.dim).to(self.data.device)
-        solved = precondition(grouped, self.gram, self.count, lam)
+        solved = tract_gradient(grouped, self.gram, self.count, lam)
         return solved.to(grad.device).reshape(grad.shape)
 
 

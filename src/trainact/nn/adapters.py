@@ -6,7 +6,7 @@ stream of bounded ``(groups, d, cols)`` chunks (patches as columns, see
 :mod:`trainact.maths.statistics`) or, for n < d, as rows, taken exactly as the layer's forward
 sees its input (after its padding mode, with its stride, dilation and groups). An adapter holds
 the geometry only (plain numbers), so that it can be rebuilt from :meth:`spec` (the
-compile-time custom op of :mod:`trainact.nn.statistics` does).
+compile-time custom op of :mod:`trainact.nn.call_statistics` does).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trainact import distributed
+from trainact.nn import compat
 from trainact.nn.adapters import SUPPORTED_TYPES
 
 STATISTICS_DTYPES = (None, torch.float32, torch.float64)
@@ -187,11 +188,13 @@ def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> 
             "TrAct does not support nn.DataParallel (its replicas would each precondition with "
             "their own device's statistics): use DistributedDataParallel, one process per GPU"
         )
-    if torch.compiler.is_exporting():
+    if compat.exporting():
         raise RuntimeError(
             "torch.export captures the forward only, and TrAct changes only the backward: "
             "export in eval mode (model.eval()) or after trainact.remove(model)"
         )
+    if compat.in_dynamo():
+        compat.require("torch.compile")
     if torch.jit.is_tracing():
         raise RuntimeError(
             f"torch.jit.trace of {name} in training mode would record one example batch's "

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +39,7 @@ from torch import Tensor, nn
 from trainact import distributed
 from trainact.maths import PatchStatistics
 from trainact.nn import checks
-
-if TYPE_CHECKING:
-    from trainact.nn.layer import TrActState
+from trainact.nn.state import TrActState
 
 
 def _merge(a: PatchStatistics | None, b: PatchStatistics | None) -> PatchStatistics | None:
@@ -108,9 +106,6 @@ def accumulate(
     torch.autograd.Variable._execution_engine.queue_callback(
         lambda: _end_of_pass(entry, label, layer_ref, weight_ref)
     )
-    from trainact.nn import steps  # the step guard reads this module: imported late
-
-    steps.install()
 
 
 def _cleared(entry: _Pending) -> bool:
@@ -210,7 +205,7 @@ def drop(layer: nn.Module) -> None:
     _pending.pop(layer, None)
 
 
-def precondition(layer: nn.Module, state: TrActState) -> bool:
+def finish(layer: nn.Module, state: TrActState) -> bool:
     """Replace ``weight.grad`` by G·(XᵀX/n + λI)⁻¹ with the layer's deferred statistics (summed
     over the process group), and forget them. False when nothing was pending.
 
@@ -246,7 +241,7 @@ def precondition(layer: nn.Module, state: TrActState) -> bool:
     _warn_if_clipped(shard, entry.settled, label)
     reduced = PatchStatistics(packed[:-1], stats.groups, stats.dim)
     with torch.no_grad():
-        shard.copy_(reduced.precondition(shard, state.lam))
+        shard.copy_(reduced.tract_gradient(shard, state.lam))
     return True
 
 

@@ -1,8 +1,9 @@
-"""TrAct inside a layer: its settings, its forward, and the autograd functions of both forms.
+"""TrAct inside a layer: its forward and the autograd functions of both forms.
 
 Enabling TrAct swaps the layer's class for a generated subclass (``TrActConv2d`` for a
-``Conv2d``, as ``torch.nn.utils.parametrize`` does) and keeps a :class:`TrActState` (the
-settings) on the layer. In a training call the statistics of the call's input are computed, and:
+``Conv2d``, as ``torch.nn.utils.parametrize`` does) and keeps a
+:class:`trainact.nn.state.TrActState` (the settings) on the layer. In a training call the
+statistics of the call's input are computed, and:
 
 - the d×d form routes the weight through :class:`PreconditionWeight`, an identity whose backward
   turns this call's plain G into G·(XᵀX/n + λI)⁻¹ (or, with ``defer=True``, hands the statistics
@@ -35,52 +36,10 @@ from trainact import distributed
 from trainact.maths import PatchStatistics
 from trainact.maths.precision import Precision, precision_for
 from trainact.maths.rows import CenteredRows, center, row_inverse, weight_grad
-from trainact.nn import checks, deferred
+from trainact.nn import checks, compat, deferred, report, step_guard
 from trainact.nn.adapters import Adapter, Layer, adapter_for
-from trainact.nn.statistics import log_once, patch_statistics
-
-#: The attribute of an enabled layer that holds its :class:`TrActState`.
-STATE = "trainact_state"
-
-
-class TrActState:
-    """One layer's TrAct settings."""
-
-    def __init__(
-        self,
-        lam: float,
-        statistics_dtype: torch.dtype | None,
-        process_group: distributed.ProcessGroupArg,
-        defer: bool,
-        name: str = "",
-    ) -> None:
-        self.name = name  # the layer's name in its model, for messages and the log
-        self.lam = lam
-        # λ for the custom op under torch.compile: a float argument (symbolic with
-        # dynamic=True) would make dynamo compile twice to specialize it, and so would a 0-dim
-        # tensor, which dynamo turns into a float
-        self.lam_vector = torch.tensor([lam], dtype=torch.float64, device="cpu")
-        self.statistics_dtype = statistics_dtype
-        self.process_group = process_group
-        self.defer = defer
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self.process_group not in (None, "auto"):
-            raise TypeError(
-                "cannot pickle a layer with TrAct enabled for an explicit process_group (a "
-                "ProcessGroup belongs to one process): save model.state_dict(), or enable TrAct "
-                'with process_group="auto"'
-            )
-        return self.__dict__
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> TrActState:
-        """Copies (an EMA model, say) share the settings, the process group included."""
-        new = TrActState.__new__(TrActState)
-        new.__dict__.update(self.__dict__, lam_vector=self.lam_vector.clone())
-        return new
-
-    def __repr__(self) -> str:
-        return f"TrActState(lam={self.lam}, defer={self.defer})"
+from trainact.nn.call_statistics import call_statistics
+from trainact.nn.state import STATE, TrActState
 
 
 class _Reduction:
@@ -145,10 +104,11 @@ class PreconditionWeight(torch.autograd.Function):
         stats, state = ctx.stats, ctx.state
         if state.defer:
             deferred.accumulate(ctx.layer, state, stats, ctx.weight, grad)
+            step_guard.install()  # a step must not use this gradient before precondition_
             return grad, None, None, None, None
         if ctx.reduction is not None:
             ctx.reduction.wait()
-        return stats.precondition(grad, state.lam), None, None, None, None
+        return stats.tract_gradient(grad, state.lam), None, None, None, None
 
 
 class RowForm(torch.autograd.Function):
@@ -236,15 +196,23 @@ def _preconditioned_forward(
     if group is not None:
         checks.check_summed_call(state.name or type(layer).__name__)
         group = None if state.defer else group
+    report.log_first_call(
+        state.name,
+        plain_class(layer).__name__,
+        state.settings,
+        distributed.world_size(state.process_group),
+        precision.product,
+        precision.host_solve,
+        precision.fast_float64,
+        precision.device,
+    )
     with _no_autocast(input.device):
         if group is None and not x.is_nested and _row_form(state, adapter, input, precision):
             rows = center(adapter.rows(x))
             inverse = row_inverse(rows, state.lam, precision.host_solve)
-            if not torch.compiler.is_compiling():
-                log_once(state.name, precision, state.lam, 1)
         else:
             inverse = None
-            stats = patch_statistics(adapter, patches, precision, state)
+            stats = call_statistics(adapter, patches, precision, state)
     # (torch leaves autograd.Function.apply unannotated: each returns its forward's tensor)
     if inverse is not None:  # the n×n form
         row_output: Tensor = RowForm.apply(  # type: ignore[no-untyped-call]
@@ -274,7 +242,7 @@ def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Pre
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """Autocast off for the statistics, on devices that have autocast."""
-    if torch.amp.is_autocast_available(device.type):
+    if compat.has_autocast(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -380,11 +348,6 @@ def _rebuild(base: type[nn.Module]) -> nn.Module:
     """An empty instance of ``base``'s TrAct class (unpickling and deepcopy fill its state)."""
     cls = _tract_class(base)
     return cls.__new__(cls)
-
-
-def state_of(module: nn.Module) -> TrActState | None:
-    """The layer's TrAct state, or None where TrAct is not enabled."""
-    return module.__dict__.get(STATE)
 
 
 def plain_class(layer: nn.Module) -> type[nn.Module]:

@@ -1,7 +1,8 @@
-"""Deferred TrAct at the optimizer step: the missed-precondition guard and ``precondition_on_step``.
+"""The optimizer-step guard of deferred TrAct: the missed-``precondition_`` check and
+``precondition_on_step``.
 
-Both live in one global optimizer step pre-hook, installed the first time a layer defers
-statistics or a model is registered for preconditioning on step. The deferred statistics
+Both live in one global optimizer step pre-hook, installed by its callers: a layer's backward
+that defers statistics (:mod:`trainact.nn.layer`), and :func:`on_step`. The deferred statistics
 themselves belong to :mod:`trainact.nn.deferred`. It runs inside every
 ``torch.optim`` optimizer's ``step()`` (fused and foreach kernels included, and wrappers such as
 accelerate's or Lightning's that call it), before any weight changes:

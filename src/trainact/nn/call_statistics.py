@@ -2,7 +2,7 @@
 device's precision policy (:mod:`trainact.maths.precision`) says.
 
 Under ``torch.compile`` the whole computation is one custom operator,
-``trainact::patch_statistics``, that runs eagerly inside the compiled graph: its chunk loop, its
+``trainact::call_statistics``, that runs eagerly inside the compiled graph: its chunk loop, its
 data-dependent float32/float64 choice on the CPU and its TF32-off matmuls then never specialize
 the graph, so one graph serves every batch size (``dynamic=True``, ``mark_dynamic``), with no
 graph break.
@@ -10,31 +10,23 @@ graph break.
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from trainact.distributed import world_size
 from trainact.maths import precision as policy
 from trainact.maths.statistics import PatchStatistics, SplitSums, split_quantum
 from trainact.nn.adapters import Adapter, adapter_from_spec
-
-if TYPE_CHECKING:
-    from trainact.nn.layer import TrActState
-
-logger = logging.getLogger("trainact")
+from trainact.nn.state import TrActState
 
 
-def patch_statistics(
+def call_statistics(
     adapter: Adapter, x: Tensor, precision: policy.Precision, state: TrActState
 ) -> PatchStatistics:
     """n and XᵀX of the patches of ``x`` (detached), in float64, on ``x``'s device (on the CPU
     for a device without float64), for the layer whose state is ``state``."""
     if torch.compiler.is_compiling():
         spec, padding_mode = adapter.spec()
-        data = torch.ops.trainact.patch_statistics(
+        data = torch.ops.trainact.call_statistics(
             x,
             spec,
             padding_mode,
@@ -43,22 +35,19 @@ def patch_statistics(
             precision.host_solve,
             precision.fast_float64,
             precision.device,
-            state.name,
-            world_size(state.process_group),
         )
         return PatchStatistics(data, adapter.groups, adapter.dim)
-    return _compute(adapter, x, precision, state.lam, state.name, world_size(state.process_group))
+    return _compute(adapter, x, precision, state.lam)
 
 
 def _compute(
-    adapter: Adapter, x: Tensor, precision: policy.Precision, lam: float, label: str, world: int
+    adapter: Adapter, x: Tensor, precision: policy.Precision, lam: float
 ) -> PatchStatistics:
     device = torch.device("cpu") if precision.host_solve else x.device
     stats = PatchStatistics.zeros(adapter.groups, adapter.dim, device)
     n = adapter.num_patches(x)
     if n == 0:
         return stats
-    log_once(label, precision, lam, world)
     with policy.ieee_float32_matmul():
         spread, mean = adapter.moments(x)
         if precision.product == policy.SPLIT_FLOAT32:
@@ -92,26 +81,14 @@ def _accumulate(
     return diagonal
 
 
-_logged: set[tuple[str, str, float, int]] = set()
-
-
-def log_once(label: str, precision: policy.Precision, lam: float, world: int) -> None:
-    """Log the precision policy a layer's statistics follow, once per layer, device, λ and
-    world size."""
-    key = (label, precision.describe(), lam, world)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(
-            "TrAct on %s, lambda=%g, world size %d: %s",
-            label or "<layer>",
-            lam,
-            world,
-            precision.describe(),
-        )
-
-
-@torch.library.custom_op("trainact::patch_statistics", mutates_args=())
-def _patch_statistics_op(
+# The schema spelled out: torch 2.4 to 2.6 cannot infer it from string annotations
+@torch.library.custom_op(
+    "trainact::call_statistics",
+    mutates_args=(),
+    schema="(Tensor x, int[] spec, str padding_mode, Tensor lam, str product, bool host_solve, "
+    "bool fast_float64, str device) -> Tensor",
+)
+def _call_statistics_op(
     x: Tensor,
     spec: list[int],
     padding_mode: str,
@@ -120,15 +97,13 @@ def _patch_statistics_op(
     host_solve: bool,
     fast_float64: bool,
     device: str,
-    label: str,
-    world: int,
 ) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
     precision = policy.Precision(product, host_solve, fast_float64, device)
-    return _compute(adapter, x, precision, lam.item(), label, world).data
+    return _compute(adapter, x, precision, lam.item()).data
 
 
-@_patch_statistics_op.register_fake
+@_call_statistics_op.register_fake
 def _(
     x: Tensor,
     spec: list[int],
@@ -138,8 +113,6 @@ def _(
     host_solve: bool,
     fast_float64: bool,
     device: str,
-    label: str,
-    world: int,
 ) -> Tensor:
     adapter = adapter_from_spec(spec, padding_mode)
     size = adapter.groups * adapter.dim * adapter.dim + 1

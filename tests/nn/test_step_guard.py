@@ -1,5 +1,6 @@
-"""Deferred TrAct at the optimizer step (trainact/nn/steps.py): the missed-precondition guard and
-``precondition_on_step``, with fused, foreach, closure, LBFGS and accelerate optimizers."""
+"""The optimizer-step guard of deferred TrAct (trainact/nn/step_guard.py): the
+missed-precondition check and ``precondition_on_step``, with fused, foreach, closure, LBFGS and
+accelerate optimizers."""
 
 from __future__ import annotations
 
@@ -8,21 +9,21 @@ import weakref
 
 import pytest
 import torch
-from test_checks import _batches, _loss, _model
 from torch import nn
 
 import trainact
+from testing.harness import regression_batches, regression_loss, regression_model
 from trainact.nn import deferred
 
 
 def _big_batch_step(opt_fn) -> torch.Tensor:
     """One step on all micro-batches as one batch (TrAct not deferred): the exact answer."""
-    model = _model()
+    model = regression_model()
     trainact.apply(model)
     opt = opt_fn(model.parameters())
-    x = torch.cat([b[0] for b in _batches()])
-    y = torch.cat([b[1] for b in _batches()])
-    _loss(model, x, y).backward()
+    x = torch.cat([b[0] for b in regression_batches()])
+    y = torch.cat([b[1] for b in regression_batches()])
+    regression_loss(model, x, y).backward()
     opt.step()
     return model[0].weight.detach().clone()
 
@@ -41,11 +42,11 @@ def _big_batch_step(opt_fn) -> torch.Tensor:
 def test_step_without_precondition_raises_before_changing_weights(device64, opt_fn):
     """The guard sits at optimizer.step, so fused kernels (which do not bump the weight's
     version counter) are caught too."""
-    model = _model(device64)
+    model = regression_model(device64)
     trainact.apply(model, defer=True)
     opt = opt_fn(model.parameters())
-    for x, y in _batches(device=device64):
-        _loss(model, x, y).backward()
+    for x, y in regression_batches(device=device64):
+        regression_loss(model, x, y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="precondition_"):
         opt.step()
@@ -55,10 +56,10 @@ def test_step_without_precondition_raises_before_changing_weights(device64, opt_
 
 
 def test_an_optimizer_of_other_parameters_is_not_blocked():
-    model = _model()
+    model = regression_model()
     trainact.apply(model, defer=True)
     head_opt = torch.optim.SGD(model[3].parameters(), lr=0.1)
-    _loss(model, *_batches()[0]).backward()
+    regression_loss(model, *regression_batches()[0]).backward()
     head_opt.step()  # the first layer is not this optimizer's: no error
     trainact.precondition_(model)
 
@@ -70,15 +71,15 @@ def _sgd(params):
 def test_precondition_on_step_with_closure_is_exact():
     """step(closure) runs the backward inside step (LBFGS, Lightning): preconditioning must come
     after the closure, not in a plain pre-hook before it."""
-    model = _model()
+    model = regression_model()
     trainact.apply(model, defer=True)
     opt = _sgd(model.parameters())
     trainact.precondition_on_step(opt, model)
-    batches = _batches()
-    _loss(model, *batches[0], k=2).backward()  # an earlier micro-batch, outside step
+    batches = regression_batches()
+    regression_loss(model, *batches[0], k=2).backward()  # an earlier micro-batch, outside step
 
     def closure():
-        loss = _loss(model, *batches[1], k=2)
+        loss = regression_loss(model, *batches[1], k=2)
         loss.backward()
         return loss
 
@@ -90,16 +91,16 @@ def _lbfgs_step(defer: bool, how: str = "") -> nn.Module:
     """One LBFGS step (3 evaluations of the closure) with TrAct; ``how`` finishes deferred
     statistics: "on_step" (precondition_on_step), "in_closure" (precondition_ after the
     closure's backward) or "before_step" (precondition_ before step(closure), too early)."""
-    model = _model()
+    model = regression_model()
     trainact.apply(model, defer=defer)
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
     if how == "on_step":
         trainact.precondition_on_step(opt, model)
-    x, y = _batches()[0]
+    x, y = regression_batches()[0]
 
     def closure():
         opt.zero_grad()
-        loss = _loss(model, x, y)
+        loss = regression_loss(model, x, y)
         loss.backward()
         if how == "in_closure":
             trainact.precondition_(model)
@@ -133,17 +134,17 @@ def test_step_closure_whose_backward_nobody_preconditions_raises(how):
 
 def test_precondition_on_step_unwraps_accelerate_and_can_be_removed():
     accelerate = pytest.importorskip("accelerate")
-    model = _model()
+    model = regression_model()
     trainact.apply(model, defer=True)
     opt = accelerate.Accelerator(cpu=True).prepare_optimizer(_sgd(model.parameters()))
     assert type(opt).__name__ == "AcceleratedOptimizer"
     handle = trainact.precondition_on_step(opt, model)
-    for x, y in _batches():
-        _loss(model, x, y, k=2).backward()
+    for x, y in regression_batches():
+        regression_loss(model, x, y, k=2).backward()
     opt.step()
     torch.testing.assert_close(model[0].weight, _big_batch_step(_sgd), rtol=1e-12, atol=1e-12)
     handle.remove()
-    _loss(model, *_batches()[0]).backward()
+    regression_loss(model, *regression_batches()[0]).backward()
     with pytest.raises(RuntimeError, match="precondition_"):
         opt.step()
     with pytest.raises(TypeError, match="not a torch.optim.Optimizer"):
@@ -152,16 +153,16 @@ def test_precondition_on_step_unwraps_accelerate_and_can_be_removed():
 
 def test_guard_checks_the_weight_not_the_bias():
     """Only the weight's gradient waits for precondition_: an optimizer of the bias may step."""
-    model = _model()
+    model = regression_model()
     trainact.apply(model, defer=True)
     bias_opt = torch.optim.SGD([model[0].bias], lr=0.1)
-    _loss(model, *_batches()[0]).backward()
+    regression_loss(model, *regression_batches()[0]).backward()
     bias_opt.step()
     trainact.precondition_(model)
 
 
 def test_precondition_on_step_does_not_keep_a_model_that_holds_its_optimizer():
-    model = _model()
+    model = regression_model()
     trainact.apply(model, defer=True)
     model.optimizer = _sgd(model.parameters())
     trainact.precondition_on_step(model.optimizer, model)
