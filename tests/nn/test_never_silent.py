@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import trainact
-from trainact.testing import reference_tract_grad, relative_error
+from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error
 
 F64 = torch.float64
 
@@ -274,6 +274,99 @@ def test_no_clipping_warning_on_the_legitimate_paths(monkeypatch, scaler):
     monkeypatch.setattr(trainact.nn.deferred, "_warned_clipping", False)
     assert _clip_steps("precondition_ first", scaler, k=3) == []
     assert _clip_steps("on_step", scaler, max_norm=1e9) == []
+
+
+# ---- an input that requires grad (FGSM, gradient penalties) in the n×n form ---------------
+
+
+def _fgsm_inputs(case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Photos as rows for an MLP: raw pixels or standardized, the first d of each photo."""
+    pytest.importorskip("numpy")
+    from testing.accuracy_cases import photos, standardized
+
+    pixels, d, n = case.split()
+    images = photos(int(n))
+    if pixels == "standardized":
+        images = standardized(images)
+    x = images.reshape(int(n), -1)[:, : int(d)].contiguous()
+    return x, torch.arange(int(n)) % 10
+
+
+def _fgsm_probe(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, how: str = "eager"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FGSM probe's backward (the input requires grad): the input's gradient, and the first
+    layer's output gradient D (by a tensor hook)."""
+    seen = []
+    inp = x.clone().requires_grad_(True)
+    if how == "compile":
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="aot_eager")(inp)
+        out.backward(torch.ones_like(out) / 7)
+        return inp.grad, torch.empty(0)
+    if how == "eager":
+        h = model[0](inp)
+    else:
+        h = torch.utils.checkpoint.checkpoint(model[0], inp, use_reentrant=how == "reentrant")
+    h.register_hook(seen.append)
+    nn.functional.cross_entropy(model[1:](h), y).backward()
+    return inp.grad, seen[0]
+
+
+@pytest.mark.parametrize("case", ["raw 784 16", "standardized 784 16", "raw 3072 32"])
+@pytest.mark.parametrize("how", ["eager", "checkpoint", "reentrant"])
+def test_an_input_that_requires_grad_keeps_the_row_form_accuracy(case, how):
+    """FGSM on raw and standardized pixels (n < d): the weight gradient meets the n < d target
+    against the float64 answer from the same output gradient (the d×d form it used to take was
+    0.39 off on raw pixels, 1.0 for Linear(3072) at n = 32), and the input gradient, the one
+    FGSM steps along, is the plain layer's bit for bit; under activation checkpointing too."""
+    x, y = _fgsm_inputs(case)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(x.shape[1], 32), nn.Tanh(), nn.Linear(32, 10))
+    model = copy.deepcopy(plain)
+    trainact.apply(model)
+    input_grad, grad_output = _fgsm_probe(model, x, y, how)
+    plain_input_grad, _ = _fgsm_probe(plain, x, y)
+    expected = exact_tract_grad(plain[0], x, grad_output, 0.1)
+    assert relative_error(model[0].weight.grad, expected) < 1e-5
+    assert torch.equal(input_grad, plain_input_grad)
+    assert torch.equal(model[0].bias.grad, plain[0].bias.grad)
+
+
+def test_an_input_that_requires_grad_under_torch_compile_is_exact():
+    """The n×n form for an input that requires grad runs the layer eagerly (one graph break)."""
+    x, _ = _fgsm_inputs("raw 784 16")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 10))
+    model = copy.deepcopy(plain)
+    trainact.apply(model)
+    input_grad, _ = _fgsm_probe(model, x, None, "compile")
+    plain_input_grad, _ = _fgsm_probe(plain, x, None, "compile")
+    h = plain[0](x).detach().requires_grad_(True)
+    plain[1:](h).backward(torch.ones(16, 10) / 7)
+    expected = exact_tract_grad(plain[0], x, h.grad, 0.1)
+    assert relative_error(model[0].weight.grad, expected) < 1e-5
+    torch.testing.assert_close(input_grad, plain_input_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_a_gradient_penalty_in_the_row_form_preconditions_the_whole_gradient():
+    """A double backward through the layer (WGAN-GP's penalty on the input gradient, n < d):
+    the weight gradient also gets the penalty's share, which is not DᵀX; the whole G is
+    preconditioned, as the d×d form does (float64 reference)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    plain = copy.deepcopy(model)
+    trainact.apply(model)
+    x = torch.randn(5, 12, dtype=F64)
+    grads = []
+    for m in (model, plain):
+        xi = x.clone().requires_grad_(True)
+        loss = m(xi).square().mean()
+        (gx,) = torch.autograd.grad(loss, xi, create_graph=True)
+        (loss + gx.square().sum()).backward()
+        grads.append(m[0].weight.grad)
+    expected = reference_tract_grad(model[0], x, grads[1], 0.1)
+    torch.testing.assert_close(grads[0], expected, rtol=1e-9, atol=1e-12)
 
 
 # ---- frozen layers ---------------------------------------------------------------------------
