@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from trainact import distributed
 from trainact.maths import PatchStatistics
@@ -116,8 +117,8 @@ def _cleared(entry: _Pending) -> bool:
         now = None if param is None else param.grad
         if now is None:
             continue
-        if now is held.grad() and now._version == held.version:
-            return False  # untouched
+        if now is held.grad() and now._version == held.version or is_fake(now):
+            return False  # untouched (fake tensors: no values to read)
         values = distributed.local(now)
         if values.numel() > 0 and bool(values.any()):
             return False  # moved or changed, not cleared
@@ -185,7 +186,7 @@ def _settle(
         if p is not None and p.grad is not None
     ]
     grad = None if registered is None else registered.grad
-    entry.settled = None if grad is None else distributed.local(grad).detach().clone()
+    entry.settled = None if grad is None else grad.detach().clone()
 
 
 def has_pending(layer: nn.Module) -> bool:
@@ -230,7 +231,32 @@ def finish(layer: nn.Module, state: TrActState) -> bool:
     packed = distributed.all_reduce(
         torch.cat([stats.data, outside]), distributed.resolve(state.process_group)
     )
-    if packed[-1] > 0:
+    settled = None if entry.settled is None else distributed.local(entry.settled)
+    if not is_fake(packed):  # (fake tensors have no values to read)
+        _check_values(packed[-1], shard, settled, label)
+    reduced = PatchStatistics(packed[:-1], stats.groups, stats.dim)
+    with torch.no_grad():
+        shard.copy_(reduced.tract_gradient(shard, state.lam))
+    return True
+
+
+def _check_values(outside: Tensor, grad: Tensor, settled: Tensor | None, label: str) -> None:
+    """Refuse a gradient that holds another use of the weight (``outside`` > 0: some pass, on
+    some process); warn once if ``grad`` is ``settled`` (its values when the last pass settled)
+    scaled by a factor below 1 that is not a power of two: clipped before TrAct (a power of two,
+    a GradScaler's unscaling, is exact and commutes with TrAct, which is linear). One host
+    synchronization reads everything."""
+    global _warned_clipping
+    values = [outside.to(grad.device, torch.float64)]
+    compare = not _warned_clipping and settled is not None and settled.shape == grad.shape
+    if compare:
+        assert settled is not None
+        with torch.no_grad():
+            g, s = grad.double().flatten(), settled.double().flatten()
+            norm, factor = s.dot(s), g.dot(s) / s.dot(s)
+            values += [norm, factor, (g - factor * s).norm(), g.norm()]
+    read = torch.stack(values).tolist()
+    if read[0] > 0:
         raise RuntimeError(
             f"TrAct (defer=True) on {label}: {label}.weight.grad received gradient from outside "
             "the layer (the weight is also used elsewhere, e.g. a tied decoder "
@@ -238,28 +264,12 @@ def finish(layer: nn.Module, state: TrActState) -> bool:
             "share too, while without defer only the layer's own share is preconditioned: use "
             "defer=False (and no gradient accumulation), or untie the weights"
         )
-    _warn_if_clipped(shard, entry.settled, label)
-    reduced = PatchStatistics(packed[:-1], stats.groups, stats.dim)
-    with torch.no_grad():
-        shard.copy_(reduced.tract_gradient(shard, state.lam))
-    return True
-
-
-def _warn_if_clipped(grad: Tensor, settled: Tensor | None, label: str) -> None:
-    """Warn once if ``grad`` is ``settled`` (its values when the last pass settled) scaled by a
-    factor below 1 that is not a power of two: clipped before TrAct. Scaling by a power of two
-    (GradScaler.unscale_) is exact and commutes with TrAct, which is linear."""
-    global _warned_clipping
-    if _warned_clipping or settled is None or settled.shape != grad.shape:
+    if not compare:
         return
-    g, s = grad.detach().double().flatten(), settled.double().flatten()
-    norm = float(s.dot(s))
-    if not 0 < norm < math.inf:
+    norm, factor, residual, size = read[1:]
+    if not (0 < norm < math.inf and 0 < factor < 1) or math.frexp(factor)[0] == 0.5:
         return
-    factor = float(g.dot(s)) / norm
-    if not 0 < factor < 1 or math.frexp(factor)[0] == 0.5:
-        return
-    if float((g - factor * s).norm()) > 1e-5 * float(g.norm()):
+    if not residual <= 1e-5 * size:
         return  # not a uniform scaling (nothing clip_grad_norm_ does)
     _warned_clipping = True
     warnings.warn(
@@ -270,5 +280,5 @@ def _warn_if_clipped(grad: Tensor, settled: Tensor | None, label: str) -> None:
         "before clipping (with a GradScaler: after scaler.unscale_(optimizer)); "
         "precondition_on_step runs inside optimizer.step(), after any clipping",
         UserWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
