@@ -6,6 +6,7 @@ with a message that never named TrAct; now each is exact or raises an error that
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import warnings
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 import trainact
+from trainact.maths import precision
 from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error
 
 F64 = torch.float64
@@ -367,6 +369,56 @@ def test_a_gradient_penalty_in_the_row_form_preconditions_the_whole_gradient():
         grads.append(m[0].weight.grad)
     expected = reference_tract_grad(model[0], x, grads[1], 0.1)
     torch.testing.assert_close(grads[0], expected, rtol=1e-9, atol=1e-12)
+
+
+# ---- values a layer never reads ------------------------------------------------------------
+
+_PRECISIONS = {
+    "cpu": None,
+    "statistics float32": torch.float32,
+    "statistics float64": torch.float64,
+    "mps (host solve)": precision.HOST_SOLVE,
+    "cuda full-rate float64": precision.gpu_precision("H100", 9, 0),
+    "cuda reduced-rate float64": precision.gpu_precision("RTX 4090", 8, 9),
+}
+
+
+@pytest.mark.parametrize("path", sorted(_PRECISIONS))
+@pytest.mark.parametrize("value", [float("nan"), 1e20], ids=["nan", "1e20"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(3, 8, 4, stride=4),  # on 17x17: row and column 16 unread
+        lambda: nn.Conv2d(3, 8, 2, stride=3),  # every third row and column unread
+        lambda: nn.Conv2d(3, 8, 3, stride=4, padding=1, padding_mode="reflect"),
+    ],
+    ids=["4x4/4", "2x2/3", "3x3/4 reflect"],
+)
+def test_a_value_the_layer_never_reads_cannot_poison_its_gradient(path, value, conv):
+    """A NaN or 1e20 in a pixel a strided convolution never reads: the plain gradient is finite,
+    and TrAct's is the one of the same input without it (the channel means, spreads and largest
+    values included it: NaN, or 1e20 swamping the statistics), on every precision path."""
+    torch.manual_seed(0)
+    layer = conv()
+    policy = _PRECISIONS[path]
+    dtype = policy if isinstance(policy, torch.dtype) else None
+    x = 255 * torch.rand(8, 3, 17, 17)
+    unread = [(0, 1, 16, 5), (3, 0, 2, 16)] if layer.kernel_size[0] == 4 else [(2, 2, 2, 7)]
+    clean, poisoned = x.clone(), x.clone()
+    for index in unread:
+        poisoned[index] = value
+    grads = []
+    for inp in (clean, poisoned):
+        tract = trainact.TrAct(copy.deepcopy(layer), statistics_dtype=dtype)
+        use = precision.use_precision(policy) if isinstance(policy, precision.Precision) else None
+        with use or contextlib.nullcontext():
+            tract(inp).square().sum().backward()
+        grads.append(tract.weight.grad)
+    plain = copy.deepcopy(layer)
+    plain(poisoned).square().sum().backward()
+    assert plain.weight.grad.isfinite().all()
+    assert grads[1].isfinite().all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
 
 
 # ---- frozen layers ---------------------------------------------------------------------------
