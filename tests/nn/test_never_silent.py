@@ -560,6 +560,33 @@ def test_a_jagged_nested_tensor_into_a_linear_layer_is_exact(device64):
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [5, 40], ids=["n<d", "n>d"])
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_input_into_a_linear_layer_is_exact(n, layout):
+    """Sparse COO and CSR rows (a bag of words): the forward is the plain layer's on the sparse
+    input, the weight gradient that of the same rows dense (it used to fail inside reshape,
+    never naming TrAct)."""
+    torch.manual_seed(0)
+    dense = torch.randn(n, 20, dtype=F64) * (torch.rand(n, 20) < 0.3)
+    sparse = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    layer = nn.Linear(20, 3).double()
+    plain, tract, reference = (copy.deepcopy(layer) for _ in range(3))
+    trainact.TrAct(tract)
+    trainact.TrAct(reference)
+    out = tract(sparse)
+    assert torch.equal(out, plain(sparse))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    reference(dense).backward(grad)
+    torch.testing.assert_close(tract.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_a_sparse_input_into_a_convolution_is_refused_naming_tract():
+    layer = trainact.TrAct(nn.Conv1d(2, 3, 3))
+    with pytest.raises(TypeError, match="TrAct on TrActConv1d does not support sparse"):
+        layer(torch.randn(4, 2, 8).to_sparse())
+
+
 def test_a_nested_tensor_into_a_convolution_is_refused_naming_tract():
     layer = trainact.TrAct(nn.Conv1d(2, 3, 3))
     nested = torch.nested.nested_tensor([torch.randn(2, 5), torch.randn(2, 7)])

@@ -222,6 +222,11 @@ def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> 
             "would train unquantized: call trainact.remove(model) before prepare_qat (TrAct "
             "does not support quantization-aware training)"
         )
+    if input.layout != torch.strided and not input.is_nested and not isinstance(layer, nn.Linear):
+        raise TypeError(
+            f"TrAct on {name} does not support sparse inputs ({input.layout}): pass "
+            "input.to_dense() (TrAct on nn.Linear accepts sparse COO and CSR inputs)"
+        )
     if input.is_nested and not isinstance(layer, nn.Linear):
         raise TypeError(
             f"TrAct on {name} does not support nested tensors: pass a padded batch "

@@ -259,6 +259,8 @@ def _preconditioned_forward(
 ) -> Tensor:
     adapter = adapter_for(layer)
     x = input.detach()
+    if x.layout != torch.strided and not x.is_nested:  # sparse rows (nn.Linear): dense copies
+        x = x.to_dense()
     patches = x.values() if x.is_nested else x  # a jagged batch's rows (nn.Linear)
     if not adapter.valid(patches):  # a kernel larger than the input: the layer's own error
         return layer_forward(layer, input, weight, layer.bias)
@@ -297,7 +299,7 @@ def _preconditioned_forward(
         return captured
     if inverse is not None:  # the n×n form
         row_output: Tensor = RowForm.apply(  # type: ignore[no-untyped-call]
-            x, weight, layer.bias, *rows, inverse, layer, adapter
+            input.detach(), weight, layer.bias, *rows, inverse, layer, adapter
         )
         return row_output
     reduction = None if group is None else _Reduction(stats, group)
