@@ -537,6 +537,22 @@ def test_prepare_qat_raises_instead_of_leaving_the_stem_unquantized():
         prepared(torch.randn(2, 3, 6, 6))
 
 
+def test_quantize_dynamic_warns_that_the_stem_stays_unquantized():
+    """quantize_dynamic swaps exact nn.Linear types: the TrAct layer stayed float, silently (the
+    Trainer leaves TrAct on). It warns naming the fix, which then quantizes every Linear."""
+    from torch.ao.quantization import quantize_dynamic
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    trainact.apply(model)
+    with pytest.warns(UserWarning, match=r"stays unquantized.*trainact\.remove\(model\)"):
+        quantized = quantize_dynamic(model)
+    assert type(quantized[0]).__name__ == "TrActLinear"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*qconfig")
+        quantized = quantize_dynamic(trainact.remove(model))
+    assert type(quantized[0]) is type(quantized[2]) is not nn.Linear
+
+
 # ---- inputs the layer itself refuses or takes differently ----------------------------------
 
 

@@ -180,6 +180,20 @@ def _opacus(name: str) -> RuntimeError:
     )
 
 
+def warn_quantization(layer: nn.Module) -> None:
+    """Warn that torch.ao.quantization (which sets ``qconfig`` on every module before it swaps
+    them) will leave this layer unquantized: its eager mode matches exact module types."""
+    name = type(layer).__name__
+    warnings.warn(
+        f"{name} gets a qconfig: torch.ao.quantization (quantize_dynamic, quantize, prepare, "
+        f"prepare_qat) swaps modules by their exact type, and {name} is TrAct's subclass of "
+        "the layer, so it stays unquantized (and prepare_qat's training then raises): call "
+        "trainact.remove(model) before quantizing",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> None:
     """Refuse a training call whose surroundings TrAct cannot follow."""
     name = type(layer).__name__

@@ -363,6 +363,11 @@ class TrActLayer(nn.Module):
         # every generated class derives from a supported layer (checks.check_supported)
         return tract_forward(cast(Layer, self), state, input)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "qconfig":  # torch.ao.quantization is about to swap modules by exact type
+            checks.warn_quantization(self)
+        super().__setattr__(name, value)
+
     def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
         # The generated class cannot be imported by name: rebuild it from the layer's own class.
         # (Module.__getstate__ is unannotated; parametrize's class overrides it to refuse)
