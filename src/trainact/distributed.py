@@ -61,10 +61,10 @@ _DDP_SOURCE = os.path.join("nn", "parallel", "distributed.py")
 
 
 def in_ddp_join() -> bool:
-    """Whether the caller runs inside the forward of a DistributedDataParallel that is in an
-    enabled join context (``ddp.join()``, ``Join([ddp, ...])``), which shadows DDP's own
-    collectives for processes that ran out of inputs, and no other. Read from the call stack:
-    the layer has no reference to the wrapper around it."""
+    """Whether the caller runs inside the forward of a DistributedDataParallel whose join is
+    enabled (by ``ddp.join()`` or ``Join([ddp, ...])``, and left so after the context ends),
+    which shadows DDP's own collectives for processes that ran out of inputs, and no other.
+    Read from the call stack: the layer has no reference to the wrapper around it."""
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         code = frame.f_code

@@ -251,13 +251,14 @@ def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> 
 
 
 def check_summed_call(label: str) -> None:
-    """Refuse a call whose statistics are summed over processes inside DDP's join context,
-    which cannot shadow TrAct's all-reduce for a process that ran out of inputs."""
+    """Refuse a call whose statistics are summed over processes inside a DDP whose join is
+    enabled, which cannot shadow TrAct's all-reduce for a process that ran out of inputs."""
     if distributed.in_ddp_join():
         raise RuntimeError(
             f"TrAct on {label} sums its statistics over the processes with an all-reduce that "
             "DistributedDataParallel's join() (torch.distributed.algorithms.Join) cannot shadow "
-            "for a process that ran out of inputs, so the group would hang or fail: give every "
+            "for a process that ran out of inputs, so the group would hang or fail; join is "
+            "enabled on this DDP model (it stays enabled after the context ends). Give every "
             "process the same number of batches (e.g. DistributedSampler(..., drop_last=True)) "
             "and train without join(), or enable TrAct with process_group=None (each "
             "process's own statistics, as torch_tract does)"
