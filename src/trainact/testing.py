@@ -98,7 +98,7 @@ def exact_tract_grad(layer: nn.Module, x: Tensor, grad_output: Tensor, lam: floa
             batched = grad_output if x.dim() == weight.dim() else grad_output.unsqueeze(0)
             grad = batched.movedim(1, -1).reshape(n, groups, -1).transpose(0, 1)
         eye = torch.eye(n, dtype=torch.float64, device=patches.device)
-        solved = torch.linalg.solve(patches @ patches.mT / n + lam * eye, grad)
+        solved: Tensor = torch.linalg.solve(patches @ patches.mT / n + lam * eye, grad)
         return (solved.mT @ patches).reshape(weight.shape)
     plain.zero_grad(set_to_none=True)
     plain(x).backward(grad_output)
