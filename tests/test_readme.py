@@ -32,7 +32,7 @@ def test_integration_snippets_are_excerpts_of_their_examples():
     pairs = re.findall(
         r"\(\[`(examples/\w+\.py)`\]\(examples/\w+\.py\)\):\n\n```python\n(.*?)```", section, re.S
     )
-    assert len(pairs) == 3  # Lightning, the Hugging Face Trainer, accelerate
+    assert len(pairs) == 4  # Lightning, the Hugging Face Trainer, accelerate, Fabric
     for example, snippet in pairs:
         source = " ".join((ROOT / example).read_text().split())
         for line in snippet.splitlines():

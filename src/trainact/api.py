@@ -270,11 +270,12 @@ def precondition_on_step(optimizer: Any, model: nn.Module) -> RemovableHandle:
     (LBFGS, Lightning's automatic optimization). ``optimizer`` may be a wrapper that keeps the
     ``torch.optim.Optimizer`` as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, what the
     Hugging Face Trainer hands callbacks). It runs after ``GradScaler.unscale_`` (which
-    ``scaler.step`` calls first) but also after any gradient clipping you did yourself, so clip
-    only if you call :func:`precondition_` by hand instead. A step that ``GradScaler`` skips
-    (inf/NaN) never calls ``optimizer.step()``, so that step's statistics stay in the next
-    step's sums: with a GradScaler, call :func:`precondition_` by hand after
-    ``scaler.unscale_(optimizer)``, which runs whether or not the step is skipped.
+    ``scaler.step`` calls first), which is right (TrAct is linear), but also after any
+    gradient clipping done before ``optimizer.step()``, which then clipped the plain gradient:
+    that is detected and warned once; to clip, call :func:`precondition_` by hand before
+    clipping instead. A step that ``GradScaler`` skips (inf/NaN) never calls
+    ``optimizer.step()``; its statistics are dropped with its gradient by the next
+    ``zero_grad()``.
 
     Returns:
         A handle whose ``remove()`` stops it.

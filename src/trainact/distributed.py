@@ -4,12 +4,16 @@ and the all-reduce itself. Single-process runs never reach a collective.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING, Literal, TypeGuard, Union
 
 import torch.distributed as dist
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from torch.distributed.tensor import DTensor
 
 #: "auto": the default group whenever torch.distributed runs with world size > 1;
@@ -53,6 +57,24 @@ def world_size(process_group: ProcessGroupArg) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+_DDP_SOURCE = os.path.join("nn", "parallel", "distributed.py")
+
+
+def in_ddp_join() -> bool:
+    """Whether the caller runs inside the forward of a DistributedDataParallel whose join is
+    enabled (by ``ddp.join()`` or ``Join([ddp, ...])``, and left so after the context ends),
+    which shadows DDP's own collectives for processes that ran out of inputs, and no other.
+    Read from the call stack: the layer has no reference to the wrapper around it."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_filename.endswith(_DDP_SOURCE):
+            config = getattr(frame.f_locals.get("self"), "_join_config", None)
+            return bool(getattr(config, "enable", False))
+        frame = frame.f_back
+    return False
+
+
 def is_dtensor(tensor: Tensor) -> TypeGuard[DTensor]:
     """FSDP2 shards parameters (and their gradients) as DTensors."""
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
@@ -67,6 +89,7 @@ __all__ = [
     "ProcessGroupArg",
     "all_reduce",
     "all_reduce_async",
+    "in_ddp_join",
     "is_dtensor",
     "local",
     "resolve",

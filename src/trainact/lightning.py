@@ -45,8 +45,9 @@ _KEYWORDS = {
 class TrActCallback(pl.Callback):
     """Enable TrAct on the LightningModule's first layer for the duration of ``trainer.fit``.
 
-    - ``setup`` (stage "fit") enables it with :func:`trainact.apply`; this runs before
-      Lightning wraps the model (DDP, ...) and before it restores a checkpoint
+    - ``setup`` (stage "fit") enables it with :func:`trainact.apply`, or, for a module that
+      builds its layers in ``configure_model()``, right after Lightning calls that hook; both
+      run before Lightning wraps the model (DDP, ...) and before it restores a checkpoint
       (``fit(ckpt_path=...)``), which loads into the same layer: TrAct needs no state in the
       checkpoint, and the ``state_dict`` is the plain model's.
     - ``on_before_optimizer_step`` calls :func:`trainact.precondition_`: Lightning runs it after
@@ -106,6 +107,22 @@ class TrActCallback(pl.Callback):
                 f"TrAct is already enabled on {names} of {type(pl_module).__name__}; "
                 "TrActCallback enables it itself: call trainact.remove(module) first"
             )
+        hook = _builds_layers_later(pl_module)
+        if hook is None:
+            self._enable(trainer, pl_module)
+            return
+        # Lightning calls the hook after every callback's setup and before it wraps the model:
+        # TrAct is enabled right after it, when the layers exist.
+        configure = getattr(pl_module, hook)
+
+        def configure_then_enable() -> None:
+            configure()
+            del pl_module.__dict__[hook]
+            self._enable(trainer, pl_module)
+
+        pl_module.__dict__[hook] = configure_then_enable
+
+    def _enable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         accumulates = trainer.accumulate_grad_batches > 1 or any(
             # (Lightning's callback connector sets trainer.callbacks; Trainer does not declare it)
             map(_schedules_accumulation, trainer.callbacks)  # type: ignore[attr-defined]
@@ -148,6 +165,19 @@ class TrActCallback(pl.Callback):
             layer: nn.Module = pl_module.get_submodule(self.layer_name)
             trainact.remove(layer)
             self.layer_name = None
+
+
+def _builds_layers_later(pl_module: pl.LightningModule) -> str | None:
+    """The hook in which the module builds its layers, after the callbacks' setup:
+    ``configure_model`` (or the older ``configure_sharded_model``) where the module overrides
+    it; None where its layers exist at setup."""
+    for hook in ("configure_model", "configure_sharded_model"):
+        for cls in type(pl_module).__mro__:  # (either package's LightningModule ends the search)
+            if cls.__name__ == "LightningModule":
+                break
+            if hook in vars(cls):
+                return hook
+    return None
 
 
 def _schedules_accumulation(callback: object) -> bool:

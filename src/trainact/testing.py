@@ -80,15 +80,28 @@ def reference_tract_grad(layer: nn.Module, x: Tensor, plain_grad: Tensor, lam: f
 
 
 def exact_tract_grad(layer: nn.Module, x: Tensor, grad_output: Tensor, lam: float) -> Tensor:
-    """TrAct's gradient in exact arithmetic, to float64 accuracy: G = ∂L/∂zᵀ·X computed in
-    float64 from ``x`` and the output gradient, then preconditioned by
-    :func:`reference_tract_grad`. For n < d this is the reference to use: the map applied to a
-    rounded G also multiplies G's rounding outside the span of X's rows by 1/λ."""
+    """TrAct's gradient in exact arithmetic, to float64 accuracy, from ``x`` and the output
+    gradient D. For n ≥ d: G = Dᵀ·X computed in float64, then preconditioned by
+    :func:`reference_tract_grad`. For n < d, the reference to use there: the push-through form
+    Dᵀ·(XXᵀ/n + λI)⁻¹·X, an n×n solve in float64, exact at every input scale (inverting the d×d
+    matrix, whose d − n smallest eigenvalues are λ, loses 1e-16 of its largest to rounding: of
+    the order of λ for inputs scaled by 1e6), and free of the 1/λ that the d×d map applies to a
+    rounded G outside the span of X's rows."""
     x, grad_output = _float64(x), _float64(grad_output)
     plain = remove(copy.deepcopy(layer)).to(x.device, torch.float64)
+    patches = reference_patches(plain, x)
+    groups, n, d = patches.shape
+    weight = plain.get_parameter("weight")
+    if n < d:
+        grad = grad_output.reshape(1, -1, weight.shape[0])  # D per patch, (groups, n, out/g)
+        if not isinstance(plain, nn.Linear):
+            batched = grad_output if x.dim() == weight.dim() else grad_output.unsqueeze(0)
+            grad = batched.movedim(1, -1).reshape(n, groups, -1).transpose(0, 1)
+        eye = torch.eye(n, dtype=torch.float64, device=patches.device)
+        solved: Tensor = torch.linalg.solve(patches @ patches.mT / n + lam * eye, grad)
+        return (solved.mT @ patches).reshape(weight.shape)
     plain.zero_grad(set_to_none=True)
     plain(x).backward(grad_output)
-    weight = plain.get_parameter("weight")
     assert weight.grad is not None
     return reference_tract_grad(layer, x, weight.grad, lam)
 

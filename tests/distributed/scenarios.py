@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -235,22 +236,31 @@ def train_distributed(
     on_step: bool = False,
     wrap: str = "ddp",
     extra_forward: bool = False,
+    ddp_options: dict[str, Any] | None = None,
+    sync_all: bool = False,
+    discard: str = "",
+    clip: float = 0.0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train on this rank's shares under DDP or FSDP2; returns the model and collective counts.
 
     Non-last micro-batches skip the gradient sync (``no_sync()`` / FSDP2's
-    ``set_requires_gradient_sync(False)``). Deferred layers are finished by ``precondition_``
-    after the last backward, or by the optimizer pre-hook when ``on_step``. With
-    ``extra_forward``, rank 0 alone also runs a training-mode forward through the unwrapped
-    model before each step, whose backward never runs (a logging pass).
+    ``set_requires_gradient_sync(False)``) unless ``sync_all``. Deferred layers are finished by
+    ``precondition_`` after the last backward, or by the optimizer pre-hook when ``on_step``.
+    With ``extra_forward``, rank 0 alone also runs a training-mode forward through the unwrapped
+    model before each step, whose backward never runs (a logging pass). With ``discard``, each
+    step starts with a backward on other data whose gradient is then cleared (``"none"``:
+    ``zero_grad()``, ``"zeros"``: ``zero_grad(set_to_none=False)``): it must leave nothing.
+    ``ddp_options`` go to DistributedDataParallel. ``clip`` clips the gradients to that norm
+    right before ``opt.step()`` (after ``precondition_``, or before it with ``on_step``).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
+    trainact.nn.deferred._warned_clipping = False  # each scenario may warn once
     model = model_fn()
     trainact.apply(
         model, LAM, layer=FIRST_LAYER[model_fn], process_group=process_group, defer=defer
     )
     if wrap == "ddp":
-        module: nn.Module = DDP(model)
+        module: nn.Module = DDP(model, **(ddp_options or {}))
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -261,12 +271,17 @@ def train_distributed(
         trainact.precondition_on_step(opt, module)
     log = CollectiveLog()
     unwaited_after_forward = 0
-    with log.patched():
+    with log.patched(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for micro_batches, data in zip(steps, global_data(model_fn, steps), strict=True):
             opt.zero_grad()
             scale = world / step_size(micro_batches)
+            if discard:
+                x, y = data[0][rank]
+                loss_fn(module(5 * x + 1), y, scale).backward()  # a probe, then cleared
+                opt.zero_grad(set_to_none=discard == "none")
             for j, micro in enumerate(data):
-                last = j == len(data) - 1
+                last = j == len(data) - 1 or sync_all
                 if wrap == "ddp":
                     sync = nullcontext() if last else module.no_sync()
                 else:
@@ -281,6 +296,8 @@ def train_distributed(
                     loss_fn(out, y, scale).backward()
             if defer and not on_step:
                 trainact.precondition_(module)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
             opt.step()
     counts = {
         "async_calls": sum(log.calls),
@@ -291,6 +308,7 @@ def train_distributed(
         "latest_work_held": trainact.distributed._latest_work is not None,
         "forwards": sum(len(m) for m in steps),
         "steps": len(steps),
+        "tract_warnings": [str(w.message) for w in caught if "TrAct" in str(w.message)],
     }
     return module, counts
 
@@ -324,6 +342,38 @@ def missed_precondition(wrap: str) -> dict[str, Any]:
     return {"raised": False}
 
 
+def refused(model_fn: Callable[[], nn.Module], steps: Steps, **kwargs: Any) -> dict[str, Any]:
+    """Train as :func:`compare` does, expecting a RuntimeError on every rank: its message."""
+    try:
+        train_distributed(model_fn, steps, **kwargs)
+    except RuntimeError as error:
+        return {"raised": str(error)}
+    return {"raised": ""}
+
+
+def join(process_group: trainact.distributed.ProcessGroupArg) -> dict[str, Any]:
+    """DDP's ``join()`` with uneven inputs (rank r has 2 + r batches): the error TrAct raises at
+    the first step on every rank, or "" where training finished."""
+    rank = dist.get_rank()
+    model = conv_model()
+    trainact.apply(model, LAM, layer="0", process_group=process_group)
+    module = DDP(model)
+    opt = sgd(module)
+    gen = torch.Generator().manual_seed(rank)
+    try:
+        with module.join():
+            for _ in range(2 + rank):
+                opt.zero_grad()
+                x = torch.randn(3, 3, 6, 6, generator=gen, dtype=torch.float64)
+                loss_fn(module(x), torch.zeros(3, 2, dtype=torch.float64), 1.0).backward()
+                opt.step()
+    except RuntimeError as error:
+        return {"raised": str(error)}
+    return {"raised": ""}
+
+
+BUCKET_VIEW = {"gradient_as_bucket_view": True}
+
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_conv": lambda: compare(conv_model, EVEN),
     "ddp_linear": lambda: compare(linear_model, EVEN),
@@ -339,11 +389,40 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_defer_no_sync_linear": lambda: compare(linear_model, MICRO, defer=True),
     "ddp_defer_on_step": lambda: compare(conv_model, MICRO, defer=True, on_step=True),
     "ddp_missed_precondition": lambda: missed_precondition("ddp"),
+    "ddp_defer_bucket_view_synced": lambda: compare(
+        conv_model, MICRO, defer=True, ddp_options=BUCKET_VIEW, sync_all=True
+    ),
+    "ddp_defer_bucket_view_no_sync": lambda: compare(
+        conv_model, MICRO, defer=True, ddp_options=BUCKET_VIEW
+    ),
+    "ddp_defer_bucket_view_static_graph": lambda: compare(
+        conv_model,
+        MICRO,
+        defer=True,
+        ddp_options={**BUCKET_VIEW, "static_graph": True},
+        sync_all=True,
+    ),
+    "ddp_defer_bucket_view_discarded": lambda: compare(
+        conv_model, MICRO, defer=True, ddp_options=BUCKET_VIEW, sync_all=True, discard="zeros"
+    ),
+    "ddp_defer_tied": lambda: refused(Tied, UNEVEN, defer=True),
+    "ddp_defer_clipped_after": lambda: compare(conv_model, MICRO, defer=True, clip=1e-3),
+    "ddp_defer_on_step_clipped": lambda: compare(
+        conv_model, MICRO, defer=True, on_step=True, clip=1e-3
+    ),
+    "ddp_join": lambda: join("auto"),
+    "ddp_join_per_process_statistics": lambda: join(None),
 }
 if compat.torch_version() >= compat.MINIMUM_TORCH["FSDP2"][0]:  # (test_ddp skips them below)
     SCENARIOS["fsdp"] = lambda: compare(conv_model, UNEVEN, wrap="fsdp")
     SCENARIOS["fsdp_defer"] = lambda: compare(conv_model, MICRO, defer=True, wrap="fsdp")
     SCENARIOS["fsdp_missed_precondition"] = lambda: missed_precondition("fsdp")
+    SCENARIOS["fsdp_defer_discarded"] = lambda: compare(
+        conv_model, MICRO, defer=True, wrap="fsdp", discard="none"
+    )
+    SCENARIOS["fsdp_defer_discarded_zeros"] = lambda: compare(
+        conv_model, MICRO, defer=True, wrap="fsdp", discard="zeros"
+    )
 
 
 def free_port() -> int:

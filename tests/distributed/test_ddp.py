@@ -107,3 +107,65 @@ def test_step_without_precondition_raises(scenario, name: str) -> None:
 def test_fsdp2_sharded_first_layer_equals_one_process(scenario, name: str) -> None:
     """fully_shard on the first layer (5 rows: shards of 3 and 2) and on the model."""
     assert_matches_one_process(scenario(name))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ddp_defer_bucket_view_synced",
+        "ddp_defer_bucket_view_no_sync",
+        "ddp_defer_bucket_view_static_graph",
+    ],
+)
+def test_deferred_statistics_survive_ddp_bucket_views(scenario, name: str) -> None:
+    """gradient_as_bucket_view=True replaces weight.grad by a view of DDP's bucket: not a
+    clearing. Micro-batches that all synchronize, no_sync, static_graph: the big batch (the
+    synchronized ones used to drop the earlier micro-batches' statistics, 5e-2 off)."""
+    ranks = scenario(name)
+    assert_matches_one_process(ranks)
+    assert not any(measured["tract_warnings"] for measured in ranks)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ddp_defer_bucket_view_discarded",
+        pytest.param("fsdp_defer_discarded", marks=needs_fsdp2),
+        pytest.param("fsdp_defer_discarded_zeros", marks=needs_fsdp2),
+    ],
+)
+def test_a_discarded_backward_leaves_nothing_under_bucket_views_and_fsdp2(scenario, name) -> None:
+    """A probing backward whose gradient is cleared (zero_grad(), or zeroed in place) before the
+    step's micro-batches: its statistics go with it, under DDP's bucket views and under FSDP2
+    (where the gradient lives in the sharded parameter between passes), and no TrAct warning."""
+    ranks = scenario(name)
+    assert_matches_one_process(ranks)
+    assert not any(measured["tract_warnings"] for measured in ranks)
+
+
+def test_defer_with_a_weight_used_outside_the_layer_is_refused_on_every_rank(scenario) -> None:
+    """A tied decoder (F.linear(h, encoder.weight.T)) with defer=True: refused at precondition_
+    on both ranks, also on the rank whose first batch is empty (its share alone looks fine)."""
+    for measured in scenario("ddp_defer_tied"):
+        assert "encoder.weight" in measured["raised"] and "defer=False" in measured["raised"]
+
+
+def test_ddp_join_is_refused_at_the_first_step_naming_tract(scenario) -> None:
+    """join() cannot shadow TrAct's all-reduce (it used to hang or fail with "connection reset"):
+    both ranks refuse at the first step with what to do; process_group=None trains under join."""
+    for measured in scenario("ddp_join"):
+        assert "TrAct" in measured["raised"] and "join()" in measured["raised"]
+        assert "process_group=None" in measured["raised"]
+    for measured in scenario("ddp_join_per_process_statistics"):
+        assert measured["raised"] == ""
+
+
+def test_clipping_before_precondition_warns_after_ddp_averaging(scenario) -> None:
+    """precondition_on_step with clipping before optimizer.step(): the gradient DDP averaged was
+    clipped before TrAct, and each rank warns once naming precondition_. precondition_ first,
+    then clipping: no warning (DDP's averaging is not mistaken for a clip)."""
+    for measured in scenario("ddp_defer_on_step_clipped"):
+        assert len(measured["tract_warnings"]) == 1
+        assert "trainact.precondition_(model)" in measured["tract_warnings"][0]
+    for measured in scenario("ddp_defer_clipped_after"):
+        assert measured["tract_warnings"] == []

@@ -253,6 +253,14 @@ def test_compare_names_the_field_that_differs(tiny: ImageDataset, tmp_path: Path
         (["--weight-decay", "inf"], "--weight-decay must be at least 0 (and finite), got inf"),
         (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1], got 2.0"),
         (["--lr", "-0.1"], "--lr must be greater than 0"),
+        (["--lr", "1e39"], "--lr must be at most 3.4028235e+38 (float32's largest), got 1e+39"),
+        (["--weight-decay", "1e39"], "--weight-decay must be at most 3.4028235e+38"),
+        (["--lr", "1e-50"], "--lr must be at least 1.1754944e-38 (float32's smallest)"),
+        (["--weight-decay", "1e-50"], "--weight-decay must be 0 or at least 1.1754944e-38"),
+        (
+            ["--first-layer-optimizer", "sgd", "--first-layer-lr", "1e39"],
+            "--first-layer-lr must be at most 3.4028235e+38",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["train", "compare"])

@@ -103,6 +103,31 @@ def test_micro_batches_equal_one_big_batch_and_tract_comes_before_clipping(accum
         assert (weight - wrong_order).abs().max() > 1e-3
 
 
+class BuiltInConfigureModel(Module):
+    """A module that builds its layers in configure_model(), as Lightning recommends for large
+    models: they do not exist when the callbacks' setup runs."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.net: nn.Module | None = None
+        self.initial = make_net(0).state_dict()  # (built here: the hook runs in float64 mode)
+
+    def configure_model(self) -> None:
+        if self.net is None:  # (Lightning asks for an idempotent hook)
+            self.net = make_net(0)
+            self.net.load_state_dict(self.initial)
+
+
+def test_layers_built_in_configure_model_are_found():
+    """The callback used to look before Lightning built them ("has no layer TrAct supports");
+    it enables TrAct right after configure_model(), and training is the big batch's."""
+    module, epochs = BuiltInConfigureModel(), 2
+    fit(module, [TrActCallback(0.1)], epochs, batch_size=N // 2, accumulate_grad_batches=2)
+    assert not trainact.is_enabled(module) and "configure_model" not in module.__dict__
+    expected, _ = ref([slice(None)] * epochs)
+    torch.testing.assert_close(module.net[0].weight, expected[-1], rtol=1e-12, atol=1e-12)
+
+
 def test_accumulation_scheduler_uses_deferred_statistics():
     """Epoch 0 accumulates 2 micro-batches of 4, epoch 1 all 4: three steps in all."""
     module, scheduler = Module(), pl.callbacks.GradientAccumulationScheduler({0: 2, 1: 4})

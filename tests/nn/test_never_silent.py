@@ -6,6 +6,7 @@ with a message that never named TrAct; now each is exact or raises an error that
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import warnings
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 import trainact
-from trainact.testing import reference_tract_grad, relative_error
+from trainact.maths import precision
+from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error
 
 F64 = torch.float64
 
@@ -193,6 +195,233 @@ def test_tied_weights_with_defer_are_refused():
         trainact.apply(_Tied(), layer="encoder", defer=True)
 
 
+class _TiedFunctional(nn.Module):
+    """A tied autoencoder whose decoder reads the first layer's weight directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Linear(12, 4).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.tanh(self.encoder(x)), self.encoder.weight.t())
+
+
+@pytest.mark.parametrize("on_step", [False, True])
+def test_a_weight_used_outside_the_layer_with_defer_is_refused_naming_it(on_step):
+    """The decoder's share reaches encoder.weight.grad without passing the layer: with defer=True
+    precondition_ would precondition it too (0.5 apart from defer=False). Refused before the
+    step, naming the weight; the layer's own share alone is not (accumulation keeps working)."""
+    model = _TiedFunctional()
+    trainact.apply(model, layer="encoder", defer=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if on_step:
+        trainact.precondition_on_step(opt, model)
+    x = torch.randn(20, 12, dtype=F64)
+    for part in x.chunk(2):
+        (model(part) - part).square().mean().backward()
+    before = model.encoder.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"encoder\.weight\.grad received gradient from"):
+        opt.step() if on_step else trainact.precondition_(model)
+    assert torch.equal(model.encoder.weight, before)
+
+
+def _clip_steps(order: str, scaler: bool, k: int = 2, max_norm: float = 0.01) -> list[str]:
+    """Two steps of k micro-batches with defer=True, clipping and a step in ``order``; the
+    TrAct warnings they raise."""
+    model = _model().float()
+    trainact.apply(model, defer=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaler else None
+    if order == "on_step":
+        trainact.precondition_on_step(opt, model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            opt.zero_grad()
+            for seed in range(k):
+                x, y = (t.float() for t in _batch(10 * step + seed))
+                loss = _loss(model, x, y) / k
+                (grad_scaler.scale(loss) if grad_scaler else loss).backward()
+            if grad_scaler:
+                grad_scaler.unscale_(opt)
+            if order == "precondition_ first":
+                trainact.precondition_(model)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if order == "precondition_ after clipping":
+                trainact.precondition_(model)
+            if grad_scaler:
+                grad_scaler.step(opt)
+                grad_scaler.update()
+            else:
+                opt.step()
+    return [str(w.message) for w in caught if "TrAct" in str(w.message)]
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "GradScaler"])
+@pytest.mark.parametrize("order", ["on_step", "precondition_ after clipping"])
+def test_clipping_before_tract_warns_once_naming_precondition_(monkeypatch, order, scaler):
+    """precondition_on_step with clipping before optimizer.step() (timm's NativeScaler clips
+    inside its call) clipped the plain gradient: one warning naming the fix."""
+    monkeypatch.setattr(trainact.nn.deferred, "_warned_clipping", False)
+    caught = _clip_steps(order, scaler)
+    assert len(caught) == 1 and "trainact.precondition_(model)" in caught[0]
+    assert "before clipping" in caught[0]
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "GradScaler"])
+def test_no_clipping_warning_on_the_legitimate_paths(monkeypatch, scaler):
+    """precondition_ after GradScaler.unscale_ (a power of two) and before clipping, with
+    accumulation; precondition_on_step with a clip that does not bite (factor 1): no warning."""
+    monkeypatch.setattr(trainact.nn.deferred, "_warned_clipping", False)
+    assert _clip_steps("precondition_ first", scaler, k=3) == []
+    assert _clip_steps("on_step", scaler, max_norm=1e9) == []
+
+
+# ---- an input that requires grad (FGSM, gradient penalties) in the n×n form ---------------
+
+
+def _fgsm_inputs(case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Photos as rows for an MLP: raw pixels or standardized, the first d of each photo."""
+    pytest.importorskip("numpy")
+    from testing.accuracy_cases import photos, standardized
+
+    pixels, d, n = case.split()
+    images = photos(int(n))
+    if pixels == "standardized":
+        images = standardized(images)
+    x = images.reshape(int(n), -1)[:, : int(d)].contiguous()
+    return x, torch.arange(int(n)) % 10
+
+
+def _fgsm_probe(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, how: str = "eager"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FGSM probe's backward (the input requires grad): the input's gradient, and the first
+    layer's output gradient D (by a tensor hook)."""
+    seen = []
+    inp = x.clone().requires_grad_(True)
+    if how == "compile":
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="aot_eager")(inp)
+        out.backward(torch.ones_like(out) / 7)
+        return inp.grad, torch.empty(0)
+    if how == "eager":
+        h = model[0](inp)
+    else:
+        h = torch.utils.checkpoint.checkpoint(model[0], inp, use_reentrant=how == "reentrant")
+    h.register_hook(seen.append)
+    nn.functional.cross_entropy(model[1:](h), y).backward()
+    return inp.grad, seen[0]
+
+
+@pytest.mark.parametrize("case", ["raw 784 16", "standardized 784 16", "raw 3072 32"])
+@pytest.mark.parametrize("how", ["eager", "checkpoint", "reentrant"])
+def test_an_input_that_requires_grad_keeps_the_row_form_accuracy(case, how):
+    """FGSM on raw and standardized pixels (n < d): the weight gradient meets the n < d target
+    against the float64 answer from the same output gradient (the d×d form it used to take was
+    0.14 off on these raw pixels, 0.36 for Linear(3072) at n = 32, 2e-5 standardized; 1.2e-7
+    to 1.8e-7 now, as without input gradient), and the input gradient, the one FGSM steps
+    along, is the plain layer's bit for bit; under activation checkpointing too."""
+    x, y = _fgsm_inputs(case)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(x.shape[1], 32), nn.Tanh(), nn.Linear(32, 10))
+    model = copy.deepcopy(plain)
+    trainact.apply(model)
+    input_grad, grad_output = _fgsm_probe(model, x, y, how)
+    plain_input_grad, _ = _fgsm_probe(plain, x, y)
+    expected = exact_tract_grad(plain[0], x, grad_output, 0.1)
+    assert relative_error(model[0].weight.grad, expected) < 1e-5
+    assert torch.equal(input_grad, plain_input_grad)
+    assert torch.equal(model[0].bias.grad, plain[0].bias.grad)
+
+
+def test_an_input_that_requires_grad_under_torch_compile_is_exact():
+    """The n×n form for an input that requires grad runs the layer eagerly (one graph break)."""
+    x, _ = _fgsm_inputs("raw 784 16")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 10))
+    model = copy.deepcopy(plain)
+    trainact.apply(model)
+    input_grad, _ = _fgsm_probe(model, x, None, "compile")
+    plain_input_grad, _ = _fgsm_probe(plain, x, None, "compile")
+    h = plain[0](x).detach().requires_grad_(True)
+    plain[1:](h).backward(torch.ones(16, 10) / 7)
+    expected = exact_tract_grad(plain[0], x, h.grad, 0.1)
+    assert relative_error(model[0].weight.grad, expected) < 1e-5
+    torch.testing.assert_close(input_grad, plain_input_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_a_gradient_penalty_in_the_row_form_preconditions_the_whole_gradient():
+    """A double backward through the layer (WGAN-GP's penalty on the input gradient, n < d):
+    the weight gradient also gets the penalty's share, which is not DᵀX; the whole G is
+    preconditioned, as the d×d form does (float64 reference)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    plain = copy.deepcopy(model)
+    trainact.apply(model)
+    x = torch.randn(5, 12, dtype=F64)
+    grads = []
+    for m in (model, plain):
+        xi = x.clone().requires_grad_(True)
+        loss = m(xi).square().mean()
+        (gx,) = torch.autograd.grad(loss, xi, create_graph=True)
+        (loss + gx.square().sum()).backward()
+        grads.append(m[0].weight.grad)
+    expected = reference_tract_grad(model[0], x, grads[1], 0.1)
+    torch.testing.assert_close(grads[0], expected, rtol=1e-9, atol=1e-12)
+
+
+# ---- values a layer never reads ------------------------------------------------------------
+
+_PRECISIONS = {
+    "cpu": None,
+    "statistics float32": torch.float32,
+    "statistics float64": torch.float64,
+    "mps (host solve)": precision.HOST_SOLVE,
+    "cuda full-rate float64": precision.gpu_precision("H100", 9, 0),
+    "cuda reduced-rate float64": precision.gpu_precision("RTX 4090", 8, 9),
+}
+
+
+@pytest.mark.parametrize("path", sorted(_PRECISIONS))
+@pytest.mark.parametrize("value", [float("nan"), 1e20], ids=["nan", "1e20"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(3, 8, 4, stride=4),  # on 17x17: row and column 16 unread
+        lambda: nn.Conv2d(3, 8, 2, stride=3),  # every third row and column unread
+        lambda: nn.Conv2d(3, 8, 3, stride=4, padding=1, padding_mode="reflect"),
+    ],
+    ids=["4x4/4", "2x2/3", "3x3/4 reflect"],
+)
+def test_a_value_the_layer_never_reads_cannot_poison_its_gradient(path, value, conv):
+    """A NaN or 1e20 in a pixel a strided convolution never reads: the plain gradient is finite,
+    and TrAct's is the one of the same input without it (the channel means, spreads and largest
+    values included it: NaN, or 1e20 swamping the statistics), on every precision path."""
+    torch.manual_seed(0)
+    layer = conv()
+    policy = _PRECISIONS[path]
+    dtype = policy if isinstance(policy, torch.dtype) else None
+    x = 255 * torch.rand(8, 3, 17, 17)
+    unread = [(0, 1, 16, 5), (3, 0, 2, 16)] if layer.kernel_size[0] == 4 else [(2, 2, 2, 7)]
+    clean, poisoned = x.clone(), x.clone()
+    for index in unread:
+        poisoned[index] = value
+    grads = []
+    for inp in (clean, poisoned):
+        tract = trainact.TrAct(copy.deepcopy(layer), statistics_dtype=dtype)
+        use = precision.use_precision(policy) if isinstance(policy, precision.Precision) else None
+        with use or contextlib.nullcontext():
+            tract(inp).square().sum().backward()
+        grads.append(tract.weight.grad)
+    plain = copy.deepcopy(layer)
+    plain(poisoned).square().sum().backward()
+    assert plain.weight.grad.isfinite().all()
+    assert grads[1].isfinite().all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
+
+
 # ---- frozen layers ---------------------------------------------------------------------------
 
 
@@ -309,6 +538,22 @@ def test_prepare_qat_raises_instead_of_leaving_the_stem_unquantized():
         prepared(torch.randn(2, 3, 6, 6))
 
 
+def test_quantize_dynamic_warns_that_the_stem_stays_unquantized():
+    """quantize_dynamic swaps exact nn.Linear types: the TrAct layer stayed float, silently (the
+    Trainer leaves TrAct on). It warns naming the fix, which then quantizes every Linear."""
+    from torch.ao.quantization import quantize_dynamic
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    trainact.apply(model)
+    with pytest.warns(UserWarning, match=r"stays unquantized.*trainact\.remove\(model\)"):
+        quantized = quantize_dynamic(model)
+    assert type(quantized[0]).__name__ == "TrActLinear"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*qconfig")
+        quantized = quantize_dynamic(trainact.remove(model))
+    assert type(quantized[0]) is type(quantized[2]) is not nn.Linear
+
+
 # ---- inputs the layer itself refuses or takes differently ----------------------------------
 
 
@@ -330,6 +575,33 @@ def test_a_jagged_nested_tensor_into_a_linear_layer_is_exact(device64):
     plain(flat).square().sum().backward()
     expected = reference_tract_grad(layer, flat, plain.weight.grad, 0.1)
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [5, 40], ids=["n<d", "n>d"])
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_input_into_a_linear_layer_is_exact(n, layout):
+    """Sparse COO and CSR rows (a bag of words): the forward is the plain layer's on the sparse
+    input, the weight gradient that of the same rows dense (it used to fail inside reshape,
+    never naming TrAct)."""
+    torch.manual_seed(0)
+    dense = torch.randn(n, 20, dtype=F64) * (torch.rand(n, 20) < 0.3)
+    sparse = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    layer = nn.Linear(20, 3).double()
+    plain, tract, reference = (copy.deepcopy(layer) for _ in range(3))
+    trainact.TrAct(tract)
+    trainact.TrAct(reference)
+    out = tract(sparse)
+    assert torch.equal(out, plain(sparse))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    reference(dense).backward(grad)
+    torch.testing.assert_close(tract.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_a_sparse_input_into_a_convolution_is_refused_naming_tract():
+    layer = trainact.TrAct(nn.Conv1d(2, 3, 3))
+    with pytest.raises(TypeError, match="TrAct on TrActConv1d does not support sparse"):
+        layer(torch.randn(4, 2, 8).to_sparse())
 
 
 def test_a_nested_tensor_into_a_convolution_is_refused_naming_tract():

@@ -9,6 +9,7 @@ import weakref
 
 import pytest
 import torch
+from torch import nn
 
 import trainact
 from testing.harness import regression_batches, regression_loss, regression_model
@@ -86,21 +87,49 @@ def test_precondition_on_step_with_closure_is_exact():
     torch.testing.assert_close(model[0].weight, _big_batch_step(_sgd), rtol=1e-12, atol=1e-12)
 
 
-def test_precondition_on_step_with_lbfgs():
+def _lbfgs_step(defer: bool, how: str = "") -> nn.Module:
+    """One LBFGS step (3 evaluations of the closure) with TrAct; ``how`` finishes deferred
+    statistics: "on_step" (precondition_on_step), "in_closure" (precondition_ after the
+    closure's backward) or "before_step" (precondition_ before step(closure), too early)."""
     model = regression_model()
-    trainact.apply(model, defer=True)
+    trainact.apply(model, defer=defer)
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3)
-    trainact.precondition_on_step(opt, model)
+    if how == "on_step":
+        trainact.precondition_on_step(opt, model)
     x, y = regression_batches()[0]
 
     def closure():
         opt.zero_grad()
         loss = regression_loss(model, x, y)
         loss.backward()
+        if how == "in_closure":
+            trainact.precondition_(model)
         return loss
 
-    opt.step(closure)  # calls the closure several times: each gradient preconditioned
+    if how == "before_step":
+        trainact.precondition_(model)
+    opt.step(closure)
+    return model
+
+
+@pytest.mark.parametrize("how", ["on_step", "in_closure"])
+def test_lbfgs_with_defer_preconditions_each_evaluation_exactly(how):
+    """LBFGS calls the closure several times per step: each evaluation's gradient is
+    preconditioned with its own statistics, as without defer."""
+    model = _lbfgs_step(True, how)
     assert not deferred.has_pending(model[0])
+    expected = _lbfgs_step(False)[0].weight
+    torch.testing.assert_close(model[0].weight, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["", "before_step"])
+def test_step_closure_whose_backward_nobody_preconditions_raises(how):
+    """defer=True with step(closure) and no precondition_ (or one before step, which comes
+    before the closure's backward): refused at the first evaluation, naming the remedies (it
+    used to train the stem plainly: exactly as the plain model)."""
+    with pytest.raises(RuntimeError, match="inside the closure") as info:
+        _lbfgs_step(True, how)
+    assert "precondition_on_step" in str(info.value)
 
 
 def test_precondition_on_step_unwraps_accelerate_and_can_be_removed():

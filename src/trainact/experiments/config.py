@@ -137,6 +137,15 @@ class Config:
                 and (value < high or (high_ok and value == high))
             ):
                 _reject(field, _interval(low, low_ok, high, high_ok), value)
+        for field in ("lr", "first_layer_lr", "weight_decay"):
+            # the optimizers multiply float32 weights and gradients by these: past float32's
+            # largest the step fails, and a positive value that rounds to 0 trains nothing
+            value = getattr(self, field)
+            if value is not None and value > FLOAT32_MAX:
+                _reject(field, f"at most {FLOAT32_MAX:.8g} (float32's largest)", value)
+            if value is not None and value > 0 and float(torch.tensor(value)) == 0:
+                zero = "0 or " if field == "weight_decay" else ""
+                _reject(field, f"{zero}at least {FLOAT32_TINY:.8g} (float32's smallest)", value)
         if not 0 <= self.warmup_epochs < self.epochs:
             below = f"at least 0 and below --epochs ({self.epochs})"
             _reject("warmup_epochs", below, self.warmup_epochs)
@@ -166,6 +175,8 @@ class Config:
 
 
 MAX_SEED = 2**32 - 1
+FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).smallest_normal
 
 
 def _reject(field: str, requirement: str, value: object) -> None:

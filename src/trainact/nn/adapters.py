@@ -11,6 +11,7 @@ An adapter holds the geometry only (plain numbers), so that it can be rebuilt fr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from types import EllipsisType
@@ -195,19 +196,45 @@ class ConvAdapter:
     def _zero_padded(self) -> bool:
         return self.padding_mode == "zeros" and any(self.pads)
 
+    def _read(self, input: Tensor) -> Tensor:
+        """The (batched) input restricted to the positions the layer reads, so that a value it
+        never reads (past a strided convolution's last window, or between windows when the
+        stride exceeds the kernel's span) cannot change the statistics: NaN or 1e20 there
+        leaves TrAct's gradient finite, as the plain one is."""
+        x = self._batched(input)
+        for i in range(self.spatial):
+            j = 2 * (self.spatial - 1 - i)  # F.pad order is last dimension first
+            dim = 2 + i
+            read = _read_positions(
+                x.shape[dim],
+                self.kernel_size[i],
+                self.stride[i],
+                self.dilation[i],
+                self.pads[j],
+                self.pads[j + 1],
+                self.padding_mode,
+            )
+            if isinstance(read, slice):
+                x = x[(slice(None),) * dim + (read,)]
+            elif read is not None:
+                x = x.index_select(dim, torch.tensor(read, device=x.device))
+        return x
+
     def moments(self, input: Tensor) -> tuple[Tensor, Tensor]:
         """The mean of each input channel and an estimate of the mean square of its centered
-        patch entries, ``(C,)`` float32 each (input non-empty): the channel's variance, plus
-        mean² where zero padding puts entries at −mean once centered."""
-        input = self._batched(input)
+        patch entries, ``(C,)`` float32 each (input non-empty), over the values the layer reads:
+        the channel's variance, plus mean² where zero padding puts entries at −mean once
+        centered."""
+        input = self._read(input)
         spread, mean = _var_mean(input, [0, *range(2, input.dim())])
         if self._zero_padded():
             spread = spread + mean.square()
         return spread, mean
 
     def largest(self, input: Tensor, mean: Tensor) -> Tensor:
-        """The largest |x − mean| of each channel, ``(C,)`` float32 (|mean| with zero padding)."""
-        input = self._batched(input)
+        """The largest |x − mean| of each channel over the values the layer reads, ``(C,)``
+        float32 (|mean| with zero padding)."""
+        input = self._read(input)
         dims = [0, *range(2, input.dim())]
         largest = torch.maximum(input.amax(dims).float() - mean, mean - input.amin(dims).float())
         return torch.maximum(largest, mean.abs()) if self._zero_padded() else largest
@@ -336,6 +363,36 @@ def _multiple_of_8(count: int, columns: int) -> int:
     their columns are a multiple of 8: int8 products then need no zeroed margin."""
     unit = 8 // math.gcd(columns, 8)
     return count - count % unit if count >= unit else count
+
+
+@functools.lru_cache(maxsize=256)
+def _read_positions(
+    size: int, kernel: int, stride: int, dilation: int, left: int, right: int, mode: str
+) -> slice | tuple[int, ...] | None:
+    """The positions along one spatial dimension of size ``size`` that a convolution reads,
+    padding mode included (reflect, replicate and circular padding read input positions too):
+    None for all of them, a slice for a contiguous run, else their indices."""
+    padded = size + left + right
+    span = dilation * (kernel - 1) + 1
+    windows = range(0, padded - span + 1, stride)
+    read: set[int] = set()
+    for start in windows:
+        for k in range(start, start + span, dilation):
+            q = k - left
+            if 0 <= q < size:
+                read.add(q)
+            elif mode == "reflect":
+                read.add(-q if q < 0 else 2 * (size - 1) - q)
+            elif mode == "replicate":
+                read.add(min(max(q, 0), size - 1))
+            elif mode == "circular":
+                read.add(q % size)
+    if len(read) == size:
+        return None
+    first, last = min(read), max(read)
+    if last - first + 1 == len(read):
+        return slice(first, last + 1)
+    return tuple(sorted(read))
 
 
 def _var_mean(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from trainact import distributed
 from trainact.nn import compat
 from trainact.nn.adapters import SUPPORTED_TYPES
 
@@ -179,6 +180,20 @@ def _opacus(name: str) -> RuntimeError:
     )
 
 
+def warn_quantization(layer: nn.Module) -> None:
+    """Warn that torch.ao.quantization (which sets ``qconfig`` on every module before it swaps
+    them) will leave this layer unquantized: its eager mode matches exact module types."""
+    name = type(layer).__name__
+    warnings.warn(
+        f"{name} gets a qconfig: torch.ao.quantization (quantize_dynamic, quantize, prepare, "
+        f"prepare_qat) swaps modules by their exact type, and {name} is TrAct's subclass of "
+        "the layer, so it stays unquantized (and prepare_qat's training then raises): call "
+        "trainact.remove(model) before quantizing",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> None:
     """Refuse a training call whose surroundings TrAct cannot follow."""
     name = type(layer).__name__
@@ -221,6 +236,11 @@ def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> 
             "would train unquantized: call trainact.remove(model) before prepare_qat (TrAct "
             "does not support quantization-aware training)"
         )
+    if input.layout != torch.strided and not input.is_nested and not isinstance(layer, nn.Linear):
+        raise TypeError(
+            f"TrAct on {name} does not support sparse inputs ({input.layout}): pass "
+            "input.to_dense() (TrAct on nn.Linear accepts sparse COO and CSR inputs)"
+        )
     if input.is_nested and not isinstance(layer, nn.Linear):
         raise TypeError(
             f"TrAct on {name} does not support nested tensors: pass a padded batch "
@@ -228,3 +248,18 @@ def check_call(layer: nn.Module, weight: Tensor, input: Tensor, defer: bool) -> 
         )
     if defer:
         deferrable_weight(layer)
+
+
+def check_summed_call(label: str) -> None:
+    """Refuse a call whose statistics are summed over processes inside a DDP whose join is
+    enabled, which cannot shadow TrAct's all-reduce for a process that ran out of inputs."""
+    if distributed.in_ddp_join():
+        raise RuntimeError(
+            f"TrAct on {label} sums its statistics over the processes with an all-reduce that "
+            "DistributedDataParallel's join() (torch.distributed.algorithms.Join) cannot shadow "
+            "for a process that ran out of inputs, so the group would hang or fail; join is "
+            "enabled on this DDP model (it stays enabled after the context ends). Give every "
+            "process the same number of batches (e.g. DistributedSampler(..., drop_last=True)) "
+            "and train without join(), or enable TrAct with process_group=None (each "
+            "process's own statistics, as torch_tract does)"
+        )

@@ -11,7 +11,10 @@ statistics of the call's input are computed, and:
   forward, the input and bias gradients and G. Summed over a process group, the statistics'
   all-reduce starts when the call's output gradient arrives (:class:`ReduceInBackward`), so a
   forward whose backward never runs communicates nothing;
-- the n×n form (n < d) runs the layer's op inside :class:`RowForm`.
+- the n×n form (n < d) runs the layer's op inside :class:`RowForm`; for an input that needs a
+  gradient (adversarial training, gradient penalties) the layer's own kernels run instead,
+  between :class:`RowFormWeight` and :class:`CaptureOutputGrad`, so that the input gradient is
+  the plain one and the weight gradient still comes from the output gradient D.
 
 Each call is preconditioned with its own statistics (the paper's Lemma, per forward); several
 calls (checkpoint recomputation, two inputs) and torch.compile keep that pairing. The state holds
@@ -103,7 +106,7 @@ class PreconditionWeight(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: D102
         stats, state = ctx.stats, ctx.state
         if state.defer:
-            deferred.accumulate(ctx.layer, state, stats, ctx.weight)
+            deferred.accumulate(ctx.layer, state, stats, ctx.weight, grad)
             step_guard.install()  # a step must not use this gradient before precondition_
             return grad, None, None, None, None
         if ctx.reduction is not None:
@@ -150,6 +153,74 @@ class RowForm(torch.autograd.Function):
         return None, grad_weight, bias, None, None, None, None, None
 
 
+class _RowCall:
+    """One n×n-form call whose input needs a gradient: its rows and M, and the output gradient
+    D that :class:`CaptureOutputGrad` saw in the current backward pass."""
+
+    __slots__ = ("rows", "inverse", "adapter", "lam", "grad", "task", "differentiated")
+
+    def __init__(self, rows: CenteredRows, inverse: Tensor, adapter: Adapter, lam: float) -> None:
+        self.rows, self.inverse, self.adapter, self.lam = rows, inverse, adapter, lam
+        self.grad: Tensor | None = None
+        self.task = -2
+        self.differentiated = False  # a backward through the call ran with create_graph
+
+    def capture(self, grad: Tensor) -> None:
+        self.grad, self.task = grad, torch._C._current_graph_task_id()
+        self.differentiated |= torch.is_grad_enabled()
+
+    def weight_grad(self, plain: Tensor) -> Tensor:
+        """TrAct's weight gradient for the plain G = ``plain``: (M·D)ᵀ·X from this pass's D;
+        where G holds more than DᵀX (a double backward through the layer: G also gets the
+        gradient penalty's share), G·(XᵀX/n + λI)⁻¹ from G itself, by the push-through
+        identity G·A⁻¹ = (G − (G·Xᵀ)·M·X/n)/λ, in float64."""
+        grad, self.grad = self.grad, None
+        groups = self.rows.extended.shape[0]
+        if grad is not None and not self.differentiated:
+            if self.task == torch._C._current_graph_task_id():
+                per_group = weight_grad(self.adapter.grad_rows(grad), self.inverse, self.rows)
+                return per_group.reshape(plain.shape).to(plain.dtype)
+        rows64 = CenteredRows(*(t.to(self.inverse.device, torch.float64) for t in self.rows))
+        z, a = rows64.extended[:, :-2], rows64.row_shift
+        b = rows64.extended[:, -1:]
+        g = plain.reshape(groups, plain.shape[0] // groups, -1).to(z)
+        # X·Gᵀ with X = Z + a·1ᵀ + 1·bᵀ
+        xg = z @ g.mT + a[..., None] * g.sum(-1)[:, None, :] + b @ g.mT
+        projected = weight_grad(xg, self.inverse, rows64)
+        tract = (g - projected / max(a.shape[1], 1)) / self.lam
+        return tract.reshape(plain.shape).to(plain.device, plain.dtype)
+
+
+class CaptureOutputGrad(torch.autograd.Function):
+    """Identity on the layer's output in the n×n form with an input that needs a gradient: its
+    backward hands the output gradient D to the call (:class:`_RowCall`)."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, call: _RowCall) -> Tensor:  # noqa: D102
+        ctx.call = call
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        ctx.call.capture(grad)
+        return grad, None
+
+
+class RowFormWeight(torch.autograd.Function):
+    """Identity on the weight in the n×n form with an input that needs a gradient: the layer's
+    own kernels compute the plain input and bias gradients (and G), and this backward replaces
+    G by the n×n form's gradient from D (:meth:`_RowCall.weight_grad`)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, call: _RowCall) -> Tensor:  # noqa: D102
+        ctx.call = call
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return ctx.call.weight_grad(grad), None
+
+
 def layer_forward(layer: Layer, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The plain layer's forward with the given weight and bias tensors."""
     if isinstance(layer, nn.Linear):
@@ -174,10 +245,10 @@ def tract_forward(layer: Layer, state: TrActState, input: Tensor) -> Tensor:
 
 @functools.cache
 def _eagerly() -> Callable[[Layer, TrActState, Tensor, Tensor], Tensor]:
-    """:func:`_preconditioned_forward` run eagerly under torch.compile: deferred statistics
-    (Python state) and asynchronous collectives (Work handles) do not trace, so this layer runs
-    eagerly and the rest stays compiled. Made on first use (torch.compiler.disable imports
-    dynamo)."""
+    """:func:`_preconditioned_forward` run eagerly under torch.compile: deferred statistics and
+    the n×n form's output gradient for an input that needs a gradient (Python state), and
+    asynchronous collectives (Work handles) do not trace, so this layer runs eagerly and the
+    rest stays compiled. Made on first use (torch.compiler.disable imports dynamo)."""
     eager: Callable[[Layer, TrActState, Tensor, Tensor], Tensor]
     eager = torch.compiler.disable(_preconditioned_forward)
     return eager
@@ -188,11 +259,16 @@ def _preconditioned_forward(
 ) -> Tensor:
     adapter = adapter_for(layer)
     x = input.detach()
+    if x.layout != torch.strided and not x.is_nested:  # sparse rows (nn.Linear): dense copies
+        x = x.to_dense()
     patches = x.values() if x.is_nested else x  # a jagged batch's rows (nn.Linear)
     if not adapter.valid(patches):  # a kernel larger than the input: the layer's own error
         return layer_forward(layer, input, weight, layer.bias)
     precision = precision_for(input.device, state.statistics_dtype, input.dtype)
-    group = None if state.defer else distributed.resolve(state.process_group)
+    group = distributed.resolve(state.process_group)
+    if group is not None:
+        checks.check_summed_call(state.name or type(layer).__name__)
+        group = None if state.defer else group
     report.log_first_call(
         state.name,
         plain_class(layer).__name__,
@@ -204,16 +280,26 @@ def _preconditioned_forward(
         precision.device,
     )
     with _no_autocast(input.device):
-        if group is None and not x.is_nested and _row_form(state, adapter, input, precision):
+        use_rows = group is None and not x.is_nested and _row_form(state, adapter, input, precision)
+        if use_rows and input.requires_grad and torch.compiler.is_compiling():
+            # the D that CaptureOutputGrad hands to RowFormWeight is Python state: eagerly
+            return _eagerly()(layer, state, input, weight)
+        if use_rows:
             rows = center(adapter.rows(x))
             inverse = row_inverse(rows, state.lam, precision.host_solve)
         else:
             inverse = None
             stats = call_statistics(adapter, patches, precision, state)
     # (torch leaves autograd.Function.apply unannotated: each returns its forward's tensor)
+    if inverse is not None and input.requires_grad:  # the n×n form around the layer's kernels
+        call = _RowCall(rows, inverse, adapter, state.lam)
+        routed_weight: Tensor = RowFormWeight.apply(weight, call)  # type: ignore[no-untyped-call]
+        output = layer_forward(layer, input, routed_weight, layer.bias)
+        captured: Tensor = CaptureOutputGrad.apply(output, call)  # type: ignore[no-untyped-call]
+        return captured
     if inverse is not None:  # the n×n form
         row_output: Tensor = RowForm.apply(  # type: ignore[no-untyped-call]
-            x, weight, layer.bias, *rows, inverse, layer, adapter
+            input.detach(), weight, layer.bias, *rows, inverse, layer, adapter
         )
         return row_output
     reduction = None if group is None else _Reduction(stats, group)
@@ -229,12 +315,11 @@ def _preconditioned_forward(
 
 def _row_form(state: TrActState, adapter: Adapter, input: Tensor, precision: Precision) -> bool:
     """Whether this call takes the n×n form: fewer patches than the d×d form would cost
-    (n < d with fast float64, n < 0.6·d otherwise: K = XXᵀ is float64), its own statistics
-    (not deferred, not summed over processes), and an input without gradient (the transformed
-    output gradient is meant for the weight alone)."""
+    (n < d with fast float64, n < 0.6·d otherwise: K = XXᵀ is float64) and its own statistics
+    (not deferred, not summed over processes)."""
     n = adapter.num_patches(input)
     limit = adapter.dim if precision.fast_float64 else 0.6 * adapter.dim
-    return 0 < n < limit and not state.defer and not input.requires_grad
+    return 0 < n < limit and not state.defer
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
@@ -277,6 +362,11 @@ class TrActLayer(nn.Module):
             return plain
         # every generated class derives from a supported layer (checks.check_supported)
         return tract_forward(cast(Layer, self), state, input)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "qconfig":  # torch.ao.quantization is about to swap modules by exact type
+            checks.warn_quantization(self)
+        super().__setattr__(name, value)
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
         # The generated class cannot be imported by name: rebuild it from the layer's own class.

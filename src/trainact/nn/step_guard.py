@@ -12,8 +12,10 @@ accelerate's or Lightning's that call it), before any weight changes:
 2. if a layer whose parameters this optimizer updates still has deferred statistics, the step
    would use a gradient TrAct never preconditioned: raise.
 
-``step(closure)`` (LBFGS, Lightning's automatic optimization) runs the backward inside the
-closure, so there both happen after the closure returns: the hook replaces the closure.
+``step(closure)`` (LBFGS, SAM-style optimizers, Lightning's automatic optimization) runs the
+backward inside the closure, so there both happen after each call of the closure returns: the
+hook replaces every closure (LBFGS calls it several times per step; each evaluation's gradient is
+then preconditioned with its own statistics, or the step refused).
 """
 
 from __future__ import annotations
@@ -73,9 +75,6 @@ def on_step(optimizer: Any, finish: Callable[[], Any]) -> RemovableHandle:
 def _before_step(
     optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    calls = _on_step.get(optimizer)
-    if not calls and not deferred.pending_layers():
-        return None
     # ``args`` is (optimizer, *step's positional arguments)
     closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
     if closure is None:
@@ -84,7 +83,7 @@ def _before_step(
 
     def closure_then_finish() -> Any:
         loss = closure()
-        _finish(optimizer)
+        _finish(optimizer, in_closure=True)
         return loss
 
     if "closure" in kwargs:
@@ -92,7 +91,7 @@ def _before_step(
     return (args[0], closure_then_finish, *args[2:]), kwargs
 
 
-def _finish(optimizer: torch.optim.Optimizer) -> None:
+def _finish(optimizer: torch.optim.Optimizer, in_closure: bool = False) -> None:
     for finish in list(_on_step.get(optimizer, {}).values()):
         finish()
     pending = deferred.pending_layers()
@@ -100,10 +99,21 @@ def _finish(optimizer: torch.optim.Optimizer) -> None:
         return
     updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for layer in pending:
-        if id(layer._parameters.get("weight")) in updated:
+        if id(layer._parameters.get("weight")) not in updated:
+            continue
+        if in_closure:
             raise RuntimeError(
-                f"TrAct (defer=True) on {type(layer).__name__}: optimizer.step() would use a "
-                "gradient that trainact.precondition_(model) never preconditioned. Call it "
-                "after the last backward of each step, before clipping and optimizer.step() "
-                "(or use trainact.precondition_on_step(optimizer, model))."
+                f"TrAct (defer=True) on {type(layer).__name__}: the closure passed to "
+                "optimizer.step(closure) ran a backward pass whose gradient "
+                "trainact.precondition_(model) never preconditioned, and the optimizer would "
+                "use it (a precondition_ before step(closure) comes before the closure's "
+                "backward). Call trainact.precondition_(model) inside the closure, after its "
+                "backward, or use trainact.precondition_on_step(optimizer, model), which "
+                "preconditions each evaluation of the closure."
             )
+        raise RuntimeError(
+            f"TrAct (defer=True) on {type(layer).__name__}: optimizer.step() would use a "
+            "gradient that trainact.precondition_(model) never preconditioned. Call it "
+            "after the last backward of each step, before clipping and optimizer.step() "
+            "(or use trainact.precondition_on_step(optimizer, model))."
+        )
