@@ -15,7 +15,7 @@ seed gradient and the convolution's backward):
 - **traffic**: the bytes each operation reads and writes, every tensor argument in full (a
   GEMM's operands too, a strided view as its element count), in passes over the layer's float32
   patch matrix (n·d·4 bytes); the destination of ``copy_``, ``fill_``, ``zero_`` and of an
-  ``out=`` argument is counted as written only;
+  ``out=`` argument is counted as written only, an allocation (``empty``) as nothing;
 - **extra peak memory**: the most bytes held at once by the tensors TrAct's own operations make
   (every operation but the plain call's), against the device memory the chunk rule was given.
 
@@ -71,6 +71,8 @@ POLICIES: dict[str, tuple[tuple[str, int, int], int]] = {
 }
 _WRITE_ONLY = {"aten::copy_", "aten::fill_", "aten::zero_"}
 _VIEW_LIKE = {"aten::_unsafe_view"}  # a view by another name: no kernel
+#: Allocations: an operation each, but they read and write nothing.
+_ALLOCATIONS = {"aten::empty", "aten::new_empty", "aten::empty_like", "aten::empty_strided"}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -123,7 +125,8 @@ class OpCounter(TorchDispatchMode):
         ]
         written = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         self.ops[str(func)] += 1
-        self.traffic[str(func)] += sum(_nbytes(t) for t in read + written)
+        if name not in _ALLOCATIONS:
+            self.traffic[str(func)] += sum(_nbytes(t) for t in read + written)
         if str(func) not in self.own:
             for t in written:
                 self._track(t)
