@@ -99,8 +99,8 @@ class LinearAdapter:
         return padded
 
     def pieces(self, rows: Tensor, cols: int) -> Iterator[Tensor]:
-        """A slice of rows ``(..., r, d)`` (maybe stacked) as patch columns ``(..., 1, d, r)``."""
-        yield rows.transpose(-1, -2).unsqueeze(-3)
+        """A slice of rows ``(r, d)`` as patch columns ``(1, d, r)``."""
+        yield rows.mT.unsqueeze(0)
 
     def channelwise(self, per_feature: Tensor) -> Tensor:
         """A per-feature vector shaped to broadcast over rows."""
@@ -285,15 +285,10 @@ class ConvAdapter:
         return padded[tuple(index)]
 
     def pieces(self, x: Tensor, cols: int) -> Iterator[Tensor]:
-        """The patches of a padded batch slice ``(b, C, *S)``, or of such slices stacked
-        ``(L, b, C, *S)``, as strided views ``(L, g, C/g, *kernel, b, *out)`` of at most
-        ``cols`` columns each: the whole slice, or one sample split along its first output
-        dimension."""
-        lead = x.dim() - 2 - self.spatial
-        v = self._patches(x.flatten(0, lead))
-        if lead:
-            batch_dim = 2 + self.spatial
-            v = v.unflatten(batch_dim, tuple(x.shape[: lead + 1])).movedim(batch_dim, 0)
+        """The patches of a padded batch slice ``(b, C, *S)`` as strided views
+        ``(g, C/g, *kernel, b, *out)`` of at most ``cols`` columns each: the whole slice, or
+        one sample split along its first output dimension."""
+        v = self._patches(x)
         out = v.shape[v.dim() - self.spatial :]
         if v.shape[v.dim() - self.spatial - 1] * math.prod(out) <= cols:
             yield v
@@ -304,11 +299,11 @@ class ConvAdapter:
             yield v.narrow(first_out, start, min(step, out[0] - start))
 
     def channelwise(self, per_channel: Tensor) -> Tensor:
-        """A per-channel vector shaped to broadcast over (stacked) batch slices."""
+        """A per-channel vector shaped to broadcast over batch slices."""
         return per_channel.view(-1, *([1] * self.spatial))
 
     def entrywise(self, per_channel: Tensor) -> Tensor:
-        """A per-channel vector shaped to broadcast over :meth:`pieces` (not stacked)."""
+        """A per-channel vector shaped to broadcast over :meth:`pieces`."""
         return per_channel.view(self.groups, -1, *([1] * (2 * self.spatial + 1)))
 
     def smallest_piece(self, input: Tensor) -> int:
