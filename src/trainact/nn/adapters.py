@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: The CPU's chunk: one that stays in cache between its copy and its product is fastest
-#: (measured: 2 to 4 MiB beat 16 MiB by ~7% of TrAct's cost on an ImageNet stem).
+#: (the ImageNet stem, 2026-12-06: 4 and 16 MiB equal, 64 MiB a third slower; docs/cost.md).
 CHUNK_BYTES = 4 * 2**20
 #: An accelerator's chunk: its working set (its buffers and the input-sized tensors they are
 #: copied from) is at most this fraction of the device's memory, so that a call launches a few
