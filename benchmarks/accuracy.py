@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                    # the CPU's default, the float32 path, float64
     python benchmarks/accuracy.py --device cuda --matmuls strict tf32   # also with TF32 allowed
+    python benchmarks/accuracy.py --policies h100 rtx4090 host-solve    # GPUs' paths on the CPU
 
 For each case of :data:`trainact.testing.ACCURACY_CASES` (a stem and an input scale, on real
 CIFAR-10 photos from the package's embedded subset), one float32 layer's weight gradient with
@@ -14,13 +15,17 @@ with TF32 allowed (``torch.set_float32_matmul_precision("high")`` and cuDNN TF32
 train on GPUs; otherwise float32 matmuls and convolutions are strict. cuDNN runs deterministic,
 so that the plain copy's G and the TrAct layer's are the same. ``--many-chunks N`` adds two
 cases on N and N/4 photos whose statistics take many chunks; ``--cases`` keeps the cases whose
-name matches a regular expression. ``--json`` also writes the table as JSON. Needs the
-experiments extra (numpy) to load the photos.
+name matches a regular expression. ``--policies`` runs the tables under other devices' precision
+policies as well (forced with :func:`trainact.maths.precision.use_precision`, so that the CPU
+runs a GPU's paths: the H100's float64 product, the RTX 4090's split product with its int8
+exact part, the host solve of devices without float64). ``--json`` also writes the tables as
+JSON. Needs the experiments extra (numpy) to load the photos.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import re
@@ -32,7 +37,13 @@ from pathlib import Path
 
 import torch
 
-from trainact.maths.precision import precision_for
+from trainact.maths.precision import (
+    HOST_SOLVE,
+    Precision,
+    gpu_precision,
+    precision_for,
+    use_precision,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository-root `testing`
 from testing.accuracy_cases import (  # noqa: E402
@@ -65,14 +76,24 @@ def float32_matmuls(tf32: bool) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = saved[1:]
 
 
-def table(cases: list, images: torch.Tensor, tf32: bool) -> tuple[list[dict], int]:
-    """Print one table (a row per case, a column per statistics dtype); its rows and the
-    number of cells over their target."""
-    print(f"\n{'TF32 allowed' if tf32 else 'strict float32'}: relative error (target)")
+#: The policies ``--policies`` can force, besides the device's own (``device``).
+POLICIES: dict[str, Precision] = {
+    "h100": gpu_precision("NVIDIA H100 80GB HBM3", 9, 0, memory=80 * 10**9),
+    "rtx4090": gpu_precision("NVIDIA GeForce RTX 4090", 8, 9, memory=24 * 10**9),
+    "host-solve": HOST_SOLVE,
+}
+
+
+def table(cases: list, images: torch.Tensor, tf32: bool, name: str) -> tuple[list[dict], int]:
+    """Print one table (a row per case, a column per statistics dtype) under the policy
+    ``name``; its rows and the number of cells over their target."""
+    setting = "TF32 allowed" if tf32 else "strict float32"
+    print(f"\n{name} policy, {setting}: relative error (target)")
     columns = list(STATISTICS_DTYPES)
     print("| case | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
     rows, over = [], 0
-    with float32_matmuls(tf32):
+    forced = contextlib.nullcontext() if name == "device" else use_precision(POLICIES[name])
+    with float32_matmuls(tf32), forced:
         for case in cases:
             cells, row = [], {"case": case.name}
             for column, dtype in STATISTICS_DTYPES.items():
@@ -103,6 +124,13 @@ def main() -> None:
     parser.add_argument(
         "--cases", metavar="REGEX", help="only the cases whose name matches (not --many-chunks')"
     )
+    parser.add_argument(
+        "--policies",
+        choices=["device", *POLICIES],
+        nargs="+",
+        default=["device"],
+        help="the device's own policy and/or others forced on it (a GPU's paths on the CPU)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -116,9 +144,12 @@ def main() -> None:
     print(f"lambda={LAM}, torch {torch.__version__}, device {device}; policy: {policy}")
     start = time.perf_counter()
     tables = []
-    for setting in args.matmuls:
-        rows, over = table(cases, images, setting == "tf32")
-        tables.append({"tf32": setting == "tf32", "over": over, "rows": rows})
+    for name in args.policies:
+        if name != "device":
+            print(f"\n{name}: {POLICIES[name].describe()}")
+        for setting in args.matmuls:
+            rows, over = table(cases, images, setting == "tf32", name)
+            tables.append({"policy": name, "tf32": setting == "tf32", "over": over, "rows": rows})
     over = sum(t["over"] for t in tables)
     print("\nevery case within its target" if not over else f"\n{over} cells over their target")
     if args.json:

@@ -1,48 +1,64 @@
-"""The GPU check: the test suite, the cost and accuracy benchmarks and one short training
-comparison on one device, within a time budget; writes a Markdown report and its JSON twin.
+"""The GPU check: cost, accuracy, the device tests and one short training comparison on one
+device, within a time budget, that cannot waste its run: it fails in seconds when it cannot
+start, runs what matters most first, and writes its Markdown report and JSON twin after every
+part.
 
-    python benchmarks/gpu_check.py --dataset .gpu/cifar10-jpeg.tar.gz   # CUDA: 8 minutes
+    python benchmarks/gpu_check.py --dataset .gpu/cifar10-jpeg.tar.gz   # CUDA: about 6 minutes
     python benchmarks/gpu_check.py --dry-run --device cpu                # every part, tiny
 
-Its parts, in this order (``--parts`` runs a subset, e.g. a rerun within the device time left):
+First a **pre-flight** (seconds, before any GPU work): the dataset file given with
+``--dataset``, the packages each part needs (torchvision and torch_tract on a GPU), the
+benchmark scripts and CUDA itself; a missing one ends the run with exit status 2 and a report
+that names it. Then its parts, in this order (``--parts`` runs a subset, e.g. a rerun within
+the device time left):
 
-1. ``tests``: ``pytest --device cuda`` on the device tests (the correctness tests against float64
-   references: layer families, accuracy at every input scale on every path, TF32, half
-   precision, autocast, GradScaler, torch.compile, checkpointing, host synchronization, model
-   zoos), with a JUnit report;
-2. ``overhead``: ``benchmarks/overhead.py`` (the ImageNet stem against ``torch_tract``, with the
-   float32 and float64 paths side by side; CIFAR ResNet-18 steps in bf16 and channels_last; the
-   n < d MLP);
-3. ``accuracy``: ``benchmarks/accuracy.py``, strict float32 (with two inputs whose statistics
+1. ``cost``: ``benchmarks/overhead.py`` (the ImageNet stem against ``torch_tract``; training
+   steps of torchvision's ResNet-50 and ViT-B/16 at batch 256, bf16 autocast, channels_last,
+   with and without TrAct), each path of the precision policy side by side (default, float32:
+   the split product, float64), and ``benchmarks/op_count.py``'s operation, traffic and
+   memory counts beside the times;
+2. ``accuracy``: ``benchmarks/accuracy.py``, strict float32 (with two inputs whose statistics
    take many chunks) and with TF32 allowed;
-4. ``compare``: ``trainact compare --preset resnet18-cifar10-sgd`` (one seed, bf16) at the
+3. ``tests``: ``pytest --device cuda`` on the device tests (the correctness tests against
+   float64 references: layer families, accuracy at every input scale on every path, the split
+   product's exact parts in the worst case, half precision, never-silent probes), with a JUnit
+   report;
+4. ``compile``: the long tests: ``torch.compile``, autocast, GradScaler, checkpointing, host
+   synchronization (``tests/nn/test_training_machinery.py``) and the model zoos;
+5. ``compare``: ``trainact compare --preset resnet18-cifar10-sgd`` (one seed, bf16) at the
    largest epoch budget that fits the time left, estimated from a timed first epoch.
 
-Each part runs in child processes and gets a share of ``--budget`` (of the default 480 s on a
-GPU: 270, 50 and 30 s for parts 1-3, and all that is left, at least 130 s, for part 4; shares
-scale with ``--budget`` and ``--parts``); a part that runs over its share is stopped (pytest
-with SIGINT, so that its JUnit report still lists every test it ran) and reported as stopped.
-The report (``--out``, default gpu_report.md) has a JSON twin (same name, ``.json``); both,
-the tests' JUnit report and part 4's results and plot are also copied to ``$OUT`` when that
-variable is set. Exit status 1 when a test failed, a benchmark missed a target or a part broke
-(a part stopped at its time limit is reported, and is no failure).
+Each part runs in child processes and gets a share of ``--budget`` (on a GPU 360 s: 110, 40,
+90, 60 and 60 s; shares scale with ``--budget`` and ``--parts``); a part that runs over its
+share is stopped (pytest with SIGINT, so that its JUnit report still lists every test it ran)
+and reported as stopped. The report (``--out``, default gpu_report.md) and its JSON twin (same
+name, ``.json``) are written, and copied to ``$OUT`` when that variable is set with the tests'
+JUnit reports and part 5's results and plot, after the pre-flight and after every part: a run
+cut off keeps what it measured. Exit status 2 when the pre-flight failed, 1 when a test failed,
+a benchmark missed a target or a part broke (a part stopped at its time limit is reported, and
+is no failure).
 
-Without CUDA the dry run is automatic: the same parts and the same code at tiny sizes, on the
-CPU (``tests/benchmarks/test_gpu_check.py`` runs it in CI, ``--device cpu``).
-``benchmarks/gpu_run.sh`` prepares the folder that travels to a lent GPU machine and holds the
-exact device command.
+The GPU targets of the cost part (recorded, judged on a GPU only): the stem's extra time at
+most ``torch_tract``'s, a ResNet-50 step at most 1.02 times and a ViT-B/16 step at most 1.01
+times the plain one. Without CUDA the dry run is automatic: the same parts and the same code at
+tiny sizes, on the CPU, with the CIFAR ResNet-tiny and ViT-tiny of ``trainact.experiments`` in
+place of torchvision's models (``tests/benchmarks/test_gpu_check.py`` runs it in CI, ``--device
+cpu``). ``benchmarks/gpu_run.sh`` prepares the folder that travels to a lent GPU machine and
+holds the exact device command.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,70 +78,86 @@ from trainact.maths.precision import precision_for
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 PARTS = {
-    "tests": "Device tests",
-    "overhead": "Cost (benchmarks/overhead.py)",
+    "cost": "Cost: the stem against torch_tract, ResNet-50 and ViT-B/16 steps, kernels counted",
     "accuracy": "Accuracy at every input scale (benchmarks/accuracy.py)",
+    "tests": "Device tests",
+    "compile": "The long tests: torch.compile, training machinery, model zoos",
     "compare": "A first GPU point on the paper's model (trainact compare)",
 }
-COMPARE_SECONDS = 180  # part 4: training time of both methods together, at most
+COMPARE_SECONDS = 180  # part 5: training time of both methods together, at most
+#: The cost part's targets on a GPU (issue 21): the stem's extra time over torch_tract's, and
+#: each model's step time with TrAct over without.
+GPU_TARGETS = {"stem": 1.0, "torchvision:resnet50": 1.02, "torchvision:vit_b_16": 1.01}
 
 # The device tests, most important first: a run stopped at its time limit loses the last.
 DEVICE_TESTS = (
     "tests/nn/test_layer.py",
     "tests/nn/test_adapters.py",
     "tests/nn/test_accuracy.py",
+    "tests/maths/test_statistics.py",
     "tests/maths/test_precision.py",
     "tests/maths/test_solve.py",
-    "tests/maths/test_statistics.py",
     "tests/maths/test_rows.py",
     "tests/nn/test_never_silent.py",
     "tests/nn/test_step_guard.py",
     "tests/nn/test_discovery.py",
-    "tests/nn/test_discovery_zoo.py",
-    "tests/nn/test_training_machinery.py",  # compiles last: the slowest
 )
+# The long ones, last: compiling, and the model zoos.
+COMPILE_TESTS = ("tests/nn/test_training_machinery.py", "tests/nn/test_discovery_zoo.py")
 
 
 @dataclass(frozen=True)
 class Sizes:
     """What each part runs: the full GPU check, or the tiny dry run. Only this differs."""
 
-    tests: tuple[str, ...]  # pytest's arguments
-    overhead: tuple[str, ...]  # benchmarks/overhead.py's arguments
+    tests: tuple[str, ...]  # pytest's arguments, part 3
+    compile: tuple[str, ...]  # pytest's arguments, part 4
+    cost: tuple[str, ...]  # benchmarks/overhead.py's arguments
+    op_count: tuple[str, ...]  # benchmarks/op_count.py's arguments
     accuracy: tuple[str, ...]  # benchmarks/accuracy.py's arguments
     seconds: dict[str, float]  # each part's share of the budget (compare: the rest)
     compare_args: tuple[str, ...]  # extra arguments of the two trainact runs
     compare_max_epochs: int
     judge_cost: bool  # whether the cost targets are judged (not at tiny sizes)
+    needs: tuple[str, ...]  # the modules the parts import (checked by the pre-flight)
 
 
 GPU = Sizes(
     tests=DEVICE_TESTS,
-    overhead=tuple(
-        "--batch 128 --step-batch 512 --mlp-batch 128 --amp bf16 --channels-last "
-        "--rounds 3 --repeats 20".split()
+    compile=COMPILE_TESTS,
+    cost=tuple(
+        "--batch 256 --step-batch 256 --amp bf16 --channels-last --rounds 2 --repeats 10 "
+        "--only stem step --model torchvision:resnet50 torchvision:vit_b_16".split()
     ),
+    op_count=("--batch", "256"),
     accuracy=tuple("--matmuls strict tf32 --many-chunks 1024".split()),
-    seconds={"tests": 270, "overhead": 50, "accuracy": 30, "compare": 130},
+    seconds={"cost": 110, "accuracy": 40, "tests": 90, "compile": 60, "compare": 60},
     compare_args=("--amp", "bf16"),
     compare_max_epochs=200,
     judge_cost=True,
+    needs=("numpy", "PIL", "matplotlib", "pytest", "hypothesis", "torchvision", "torch_tract"),
 )
 DRY = Sizes(
     tests=(
         "tests/test_testing.py::test_relative_error",
         "tests/nn/test_layer.py::test_channels_last_input_and_weights",
+        "tests/maths/test_statistics.py::test_int8_products_are_exact_in_the_worst_case",
+    ),
+    compile=(
         "tests/nn/test_training_machinery.py::test_checkpoint_neither_double_counts_nor_mispairs",
         "tests/nn/test_training_machinery.py::test_no_host_synchronization_is_added_to_a_training_step",
     ),
-    overhead=tuple(
-        "--batch 1 --step-batch 4 --mlp-batch 8 --model resnet-tiny --rounds 1 --repeats 1".split()
+    cost=tuple(
+        "--batch 1 --step-batch 4 --rounds 1 --repeats 1 --only stem step "
+        "--model resnet-tiny vit-tiny".split()
     ),
+    op_count=("--batch", "8"),
     accuracy=("--matmuls", "strict", "tf32", "--cases", "3x3/1|Linear on", "--many-chunks", "16"),
-    seconds={"tests": 150, "overhead": 90, "accuracy": 90, "compare": 150},
+    seconds={"cost": 90, "accuracy": 90, "tests": 90, "compile": 90, "compare": 150},
     compare_args=("--model", "resnet-tiny", "--eval-batch-size", "500", "--train-subset", "200"),
     compare_max_epochs=1,
     judge_cost=False,
+    needs=("numpy", "PIL", "matplotlib", "pytest", "hypothesis"),
 )
 #: Every run of benchmarks/overhead.py: each path's cost, in this process (no process starts).
 OVERHEAD_COMMON = ("--statistics-dtype", "default", "float32", "float64", "--in-process")
@@ -243,7 +275,191 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-# ---- part 1: the device tests ---------------------------------------------------------------
+# ---- part 1: cost ---------------------------------------------------------------------------
+
+
+def _benchmark(
+    run: Run, part: Part, script: str, args: tuple[str, ...], limit: float | None = None
+) -> dict[str, Any]:
+    """Run ``script`` within ``limit`` seconds (the part's time); the results of its JSON file
+    (empty on failure)."""
+    out = run.work / f"{part.name}-{Path(script).stem}.json"
+    cmd = [sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)]
+    part.commands.append(run.shown(cmd))
+    returncode, stopped, output = run_child(cmd, limit or run.limit(part.name))
+    if stopped or returncode != 0 or not out.exists():
+        part.status = "stopped" if stopped else "fail"
+        part.problems.append(
+            "stopped at its time limit" if stopped else f"exit {returncode}: {_last_line(output)}"
+        )
+        return {}
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+#: op_count.py's names of the layers that the stem and the models' first layers are.
+STEM = "ResNet-50 stem (3→64, 7×7/2)"
+FIRST_LAYERS = {
+    "torchvision:resnet50": STEM,
+    "torchvision:vit_b_16": "ViT-B/16 patch embedding (3→768, 16×16/16)",
+}
+
+
+def _counted(counts: list[dict[str, Any]], layer: str, policy: str) -> str:
+    """One call's counted operations, traffic and extra peak memory, as a table's cells."""
+    row = next((r for r in counts if r["layer"] == layer and r["policy"].startswith(policy)), None)
+    if row is None:
+        return "– | – | –"
+    peak = f"{row['extra_peak_bytes'] / 2**20:,.0f} MiB ({100 * row['extra_peak_fraction']:.2f}%)"
+    return f"{row['ops']:,} | {row['passes']:.1f} | {peak}"
+
+
+def part_cost(run: Run, part: Part) -> None:
+    deadline = time.monotonic() + run.limit("cost")
+    op_args = (*run.sizes.op_count, *(() if run.dry_run else ("--device", str(run.device))))
+    counted = _benchmark(run, part, "op_count.py", op_args, max(deadline - time.monotonic(), 1))
+    counts: list[dict[str, Any]] = counted.get("rows", [])
+    overhead_args = ("--device", str(run.device), *run.sizes.cost, *OVERHEAD_COMMON)
+    result = _benchmark(
+        run, part, "overhead.py", overhead_args, max(deadline - time.monotonic(), 1)
+    )
+    part.data = {"result": result, "counts": counted}
+    judged = run.sizes.judge_cost
+    figures: list[dict[str, Any]] = []
+
+    def figure(name: str, value: float | None, target: float | None) -> None:
+        """A measured figure; ``target`` None: measured only; judged at full size only."""
+        if target is None:
+            verdict = "measured"
+        elif not judged:
+            verdict = "not judged (tiny sizes)"
+        else:
+            met = value is not None and value <= target
+            verdict = "met" if met else "**over**"
+            if not met:
+                part.status = "fail"
+        figures.append({"figure": name, "measured": value, "shown": _fmt(value, ".3f"),
+                        "target": target, "result": verdict})  # fmt: skip
+
+    device = str(run.device)
+    if "stem" in result:
+        stem = result["stem"]
+        table = [
+            f"ImageNet stem (Conv2d 3→64, 7×7/2, 224²), batch {stem['batch']}: forward + "
+            f"backward of the layer, best of {result['repeats']} per round, median of "
+            f"{result['rounds']} rounds; beside it the call counted on the meta device "
+            "(`benchmarks/op_count.py`: aten operations, traffic in passes over the float32 "
+            "patch matrix, extra peak memory)",
+            "",
+            "| method | statistics_dtype | ms | extra ms | peak MiB | extra MiB | operations "
+            "| traffic | counted extra peak |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in stem["rows"]:
+            dtype = r["statistics_dtype"] if r["method"] == "trainact" else "–"
+            cells = _counted(counts, STEM, f"{device} {dtype} (") if dtype != "–" else "– | – | –"
+            table.append(
+                f"| {r['method']} | {dtype} | {r['ms']:.2f} | {r['extra_ms']:.2f} | "
+                f"{_fmt(r['peak_mib'], '.1f')} | {_fmt(r['extra_mib'], '.1f')} | {cells} |"
+            )
+        part.markdown.append("\n".join(table))
+        for r in stem["rows"]:
+            if "time_ratio" in r:
+                policy = r["statistics_dtype"] == "default"
+                figure(
+                    f"stem extra time / torch_tract's ({r['statistics_dtype']})",
+                    r["time_ratio"],
+                    GPU_TARGETS["stem"] if policy else None,
+                )
+                if r["memory_ratio"] is not None:
+                    figure(
+                        f"stem extra peak memory / torch_tract's ({r['statistics_dtype']})",
+                        r["memory_ratio"],
+                        result["targets"]["stem_memory"] if policy else None,
+                    )
+    for step in result.get("step", []):
+        how = f"{step['model']}, batch {step['batch']}, amp {step['amp']}" + (
+            ", channels_last" if step["channels_last"] else ""
+        )
+        layer = FIRST_LAYERS.get(step["model"], "")
+        table = [
+            f"{how}: a training step with and without TrAct, alternating (median of the "
+            "repeats); beside it TrAct's first layer counted as above",
+            "",
+            "| statistics_dtype | plain ms | TrAct ms | ratio | operations | traffic | "
+            "counted extra peak |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in step["rows"]:
+            dtype = r["statistics_dtype"]
+            plain = statistics.median(ms["plain"] for ms in r["runs"])
+            tract = statistics.median(ms["trainact"] for ms in r["runs"])
+            cells = _counted(counts, layer, f"{device} {dtype} (")
+            table.append(f"| {dtype} | {plain:.1f} | {tract:.1f} | {r['ratio']:.3f} | {cells} |")
+            target = GPU_TARGETS.get(step["model"]) if dtype == "default" else None
+            figure(f"step time TrAct / plain: {how} ({dtype})", r["ratio"], target)
+        part.markdown.append("\n".join(table))
+    if counts:
+        table = [
+            f"Counted on the meta device at batch {counted['batch']} "
+            "(`benchmarks/op_count.py`), every policy",
+            "",
+            "| layer | policy | product | operations | traffic | extra peak |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for r in counts:
+            table.append(
+                f"| {r['layer']} | {r['policy']} | {r['product']} | {r['ops']:,} | "
+                f"{r['passes']:.1f} | {100 * r['extra_peak_fraction']:.2f}% |"
+            )
+        part.markdown.append("\n".join(table))
+    rows = ["| figure | measured | target | result |", "|---|---:|---:|---|"]
+    for f in figures:
+        target = "–" if f["target"] is None else f"≤ {f['target']:g}"
+        rows.append(f"| {f['figure']} | {f['shown']} | {target} | {f['result']} |")
+    part.markdown.insert(0, "\n".join(rows))
+    part.data["figures"] = figures
+    over = sum("over" in f["result"] for f in figures)
+    part.summary = f"{len(figures)} figures, {over} over target" + (
+        "" if judged else " (tiny sizes: cost targets not judged)"
+    )
+
+
+# ---- part 2: accuracy -------------------------------------------------------------------
+
+
+def part_accuracy(run: Run, part: Part) -> None:
+    result = _benchmark(
+        run, part, "accuracy.py", ("--device", str(run.device), *run.sizes.accuracy)
+    )
+    part.data = {"result": result}
+    tables = result.get("tables", [])
+    for t in tables:
+        columns = [c for c in t["rows"][0] if c != "case"] if t["rows"] else []
+        lines = [
+            f"{'TF32 allowed' if t['tf32'] else 'strict float32'}; policy: "
+            + (result["policy"] if t["policy"] == "device" else t["policy"]),
+            "",
+            "| case | " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        for row in t["rows"]:
+            cells = [
+                f"{_fmt(row[c]['error'])} (≤ {row[c]['target']:g})"
+                + ("" if row[c]["ok"] else " **over**")
+                for c in columns
+            ]
+            lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
+        part.markdown.append("\n".join(lines))
+    over = result.get("over", 0)
+    if over:
+        part.status = "fail"
+        part.problems.append(f"{over} cells over their target")
+    cells = sum(len(t["rows"]) * 3 for t in tables)
+    part.summary = f"{cells - over} of {cells} cells within target"
+
+
+# ---- parts 3 and 4: the device tests, then the long ones --------------------------------------
 
 
 def read_junit(path: Path) -> list[dict[str, Any]]:
@@ -269,12 +485,14 @@ def read_junit(path: Path) -> list[dict[str, Any]]:
 
 
 def part_tests(run: Run, part: Part) -> None:
-    junit = run.work / "junit.xml"
+    """pytest on this part's tests (``Sizes.tests`` or ``Sizes.compile``), its JUnit report
+    read into a table."""
+    junit = run.work / f"{part.name}_junit.xml"
     cmd = [sys.executable, "-m", "pytest", "--device", str(run.device), "-q", "-rfE"]
-    cmd += ["-p", "no:cacheprovider", f"--junitxml={junit}", *run.sizes.tests]
+    cmd += ["-p", "no:cacheprovider", f"--junitxml={junit}", *getattr(run.sizes, part.name)]
     part.commands.append(run.shown(cmd))
-    returncode, stopped, output = run_child(cmd, run.limit("tests"), interrupt=True)
-    run.keep.append((junit, "gpu_tests_junit.xml"))
+    returncode, stopped, output = run_child(cmd, run.limit(part.name), interrupt=True)
+    run.keep.append((junit, f"gpu_{part.name}_junit.xml"))
     if not junit.exists():
         part.status = "stopped" if stopped else "fail"
         part.problems.append(f"no JUnit report (pytest exit {returncode}): {_last_line(output)}")
@@ -326,151 +544,11 @@ def part_tests(run: Run, part: Part) -> None:
         )
 
 
-# ---- parts 2 and 3: the benchmarks --------------------------------------------------------
-
-
-def _benchmark(run: Run, part: Part, script: str, args: tuple[str, ...]) -> dict[str, Any]:
-    """Run ``script`` within the part's time; the results of its JSON file (empty on failure)."""
-    out = run.work / f"{part.name}.json"
-    cmd = [sys.executable, str(BENCHMARKS / script), "--device", str(run.device), *args]
-    cmd += ["--json", str(out)]
-    part.commands.append(run.shown(cmd))
-    returncode, stopped, output = run_child(cmd, run.limit(part.name))
-    if stopped or returncode != 0 or not out.exists():
-        part.status = "stopped" if stopped else "fail"
-        part.problems.append(
-            "stopped at its time limit" if stopped else f"exit {returncode}: {_last_line(output)}"
-        )
-        return {}
-    result: dict[str, Any] = json.loads(out.read_text())
-    return result
-
-
-def part_overhead(run: Run, part: Part) -> None:
-    result = _benchmark(run, part, "overhead.py", (*run.sizes.overhead, *OVERHEAD_COMMON))
-    part.data = {"result": result}
-    judged = run.sizes.judge_cost
-    figures: list[dict[str, Any]] = []
-
-    def figure(name: str, value: float | None, target: float | None, cost: bool = True) -> None:
-        """A measured figure; ``target`` None: measured only. A cost target is judged at full
-        size only, an accuracy target always."""
-        met = target is None or (value is not None and value <= target)
-        if target is None:
-            verdict = "measured"
-        elif cost and not judged:
-            verdict = "not judged (tiny sizes)"
-        else:
-            verdict = "met" if met else "**over**"
-            if not met:
-                part.status = "fail"
-        shown = _fmt(value, ".3f" if cost else ".1e")
-        figures.append(
-            {"figure": name, "measured": value, "shown": shown, "target": target,
-             "result": verdict}
-        )  # fmt: skip
-
-    if result:
-        targets = result["targets"]
-        if "stem" in result:
-            rows = result["stem"]["rows"]
-            table = [
-                f"ImageNet stem (Conv2d 3→64, 7×7/2, 224²), batch {result['stem']['batch']}: "
-                "forward + backward of the layer, best of "
-                f"{result['repeats']} per round, median of {result['rounds']} rounds",
-                "",
-                "| method | statistics_dtype | ms | extra ms | peak MiB | extra MiB |",
-                "|---|---|---:|---:|---:|---:|",
-            ]
-            for r in rows:
-                dtype = r["statistics_dtype"] if r["method"] == "trainact" else "–"
-                table.append(
-                    f"| {r['method']} | {dtype} | {r['ms']:.2f} | {r['extra_ms']:.2f} | "
-                    f"{_fmt(r['peak_mib'], '.1f')} | {_fmt(r['extra_mib'], '.1f')} |"
-                )
-            part.markdown.append("\n".join(table))
-            for r in rows:
-                if "time_ratio" not in r:
-                    continue
-                dtype = r["statistics_dtype"]
-                policy = dtype == "default"
-                figure(
-                    f"stem extra time / torch_tract's ({dtype})",
-                    r["time_ratio"],
-                    targets["stem_time"] if policy else None,
-                )
-                if r["memory_ratio"] is not None:
-                    figure(
-                        f"stem extra peak memory / torch_tract's ({dtype})",
-                        r["memory_ratio"],
-                        targets["stem_memory"] if policy else None,
-                    )
-        if "step" in result:
-            step = result["step"]
-            how = f"{step['model']}, batch {step['batch']}, amp {step['amp']}" + (
-                ", channels_last" if step["channels_last"] else ""
-            )
-            for r in step["rows"]:
-                dtype = r["statistics_dtype"]
-                target = targets["step"] if dtype == "default" else None
-                figure(f"step time TrAct / plain: {how} ({dtype})", r["ratio"], target)
-        if "mlp" in result:
-            for r in result["mlp"]["rows"]:
-                how = f"MLP, Linear({r['d']}) first, batch {result['mlp']['batch']}"
-                dtype = r["statistics_dtype"]
-                target = targets["mlp"] if dtype == "default" else None
-                figure(f"step time TrAct / plain: {how} ({dtype})", r["ratio"], target)
-                figure(
-                    f"first-layer error against float64: {how} ({dtype})",
-                    r["error"],
-                    targets["mlp_error"],
-                    cost=False,
-                )
-    rows = ["| figure | measured | target | result |", "|---|---:|---:|---|"]
-    for f in figures:
-        target = "–" if f["target"] is None else f"≤ {f['target']:g}"
-        rows.append(f"| {f['figure']} | {f['shown']} | {target} | {f['result']} |")
-    part.markdown.insert(0, "\n".join(rows))
-    part.data["figures"] = figures
-    over = sum("over" in f["result"] for f in figures)
-    part.summary = f"{len(figures)} figures, {over} over target" + (
-        "" if judged else " (tiny sizes: cost targets not judged)"
-    )
-
-
-def part_accuracy(run: Run, part: Part) -> None:
-    result = _benchmark(run, part, "accuracy.py", run.sizes.accuracy)
-    part.data = {"result": result}
-    tables = result.get("tables", [])
-    for t in tables:
-        columns = [c for c in t["rows"][0] if c != "case"] if t["rows"] else []
-        lines = [
-            f"{'TF32 allowed' if t['tf32'] else 'strict float32'}; policy: {result['policy']}",
-            "",
-            "| case | " + " | ".join(columns) + " |",
-            "|---|" + "---:|" * len(columns),
-        ]
-        for row in t["rows"]:
-            cells = [
-                f"{_fmt(row[c]['error'])} (≤ {row[c]['target']:g})"
-                + ("" if row[c]["ok"] else " **over**")
-                for c in columns
-            ]
-            lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
-        part.markdown.append("\n".join(lines))
-    over = result.get("over", 0)
-    if over:
-        part.status = "fail"
-        part.problems.append(f"{over} cells over their target")
-    cells = sum(len(t["rows"]) * 3 for t in tables)
-    part.summary = f"{cells - over} of {cells} cells within target"
-
-
-# ---- part 4: trainact compare -------------------------------------------------------------
+# ---- part 5: trainact compare -------------------------------------------------------------
 
 
 def start_decoding(dataset: str) -> tuple[subprocess.Popen[str], IO[str]]:
-    """Decode and cache part 4's dataset in a background CPU process while parts 1-3 run
+    """Decode and cache part 5's dataset in a background CPU process while parts 1-4 run
     (decoding CIFAR-10's 60,000 JPEGs takes 15 s or more on one core)."""
     code = "import sys; from trainact.experiments import data; data.load_dataset(sys.argv[1])"
     errors = tempfile.TemporaryFile("w+")  # read only at the end: a pipe could fill and block
@@ -575,28 +653,41 @@ def part_compare(run: Run, part: Part) -> None:
 # ---- the report ---------------------------------------------------------------------------
 
 HOW = {
+    "cost": "`benchmarks/op_count.py` counts one training call of the ImageNet stem and the "
+    "ViT-B/16 patch embedding on the meta device under this device's policy (each "
+    "`statistics_dtype`) and under the H100's and RTX 4090's; `benchmarks/overhead.py` in this "
+    "process (`--in-process`) times the stem's forward + backward between device "
+    "synchronizations (best of the repeats, median over rounds; CUDA's peak allocation per "
+    "measurement) and training steps (forward, cross-entropy, backward, SGD with momentum) of "
+    "each model with and without TrAct, alternating, medians. The rows per `statistics_dtype` "
+    "put the paths side by side (default: the device's policy; float32: the split product; "
+    "float64); targets are judged for the default.",
+    "accuracy": "`benchmarks/accuracy.py`: relative Frobenius error of a float32 layer's TrAct "
+    "weight gradient on real photos of the embedded CIFAR-10 subset (λ = 0.1) against the "
+    "float64 reference, per `statistics_dtype` (default: the device's policy; float32: the "
+    "split path; float64), strict float32 and with TF32 allowed "
+    "(`torch.set_float32_matmul_precision('high')`, cuDNN TF32 on); cuDNN deterministic.",
     "tests": "The correctness tests of the suite on this device (`pytest --device`; see "
     "tests/conftest.py): every test that takes the `device` fixture runs here, the CPU-only "
     "tests skip with their reason. Each compares TrAct's weight gradient with "
     "G·(XᵀX/n + λI)⁻¹ computed in float64 from explicitly extracted patches "
     "(`trainact.testing`), G being a plain copy's gradient on the same input under the same "
     "settings; CUDA runs with strict float32 and deterministic cuDNN unless a test allows TF32.",
-    "overhead": "`benchmarks/overhead.py` in this process (`--in-process`): the stem's "
-    "forward + backward timed between device synchronizations (best of the repeats, median "
-    "over rounds), CUDA's peak allocation per measurement; training steps (forward, "
-    "cross-entropy, backward, SGD with momentum) of the model with and without TrAct "
-    "alternating, medians. The rows per `statistics_dtype` put the float32 (split) and float64 "
-    "paths side by side; targets are judged for the device's default policy.",
-    "accuracy": "`benchmarks/accuracy.py`: relative Frobenius error of a float32 layer's TrAct "
-    "weight gradient on real photos of the embedded CIFAR-10 subset (λ = 0.1) against the "
-    "float64 reference, per `statistics_dtype` (default: the device's policy; float32: the "
-    "split path; float64), strict float32 and with TF32 allowed "
-    "(`torch.set_float32_matmul_precision('high')`, cuDNN TF32 on); cuDNN deterministic.",
-    "compare": "The dataset is decoded and cached by a background CPU process while parts 1-3 "
+    "compile": "The same, for the tests that compile or train whole models: `torch.compile` "
+    "(one graph for every batch size, reduce-overhead), autocast, GradScaler, checkpointing, "
+    "no host synchronization added, and the timm, torchvision and Hugging Face zoos.",
+    "compare": "The dataset is decoded and cached by a background CPU process while parts 1-4 "
     "run. `trainact train --method tract --epochs 1` first times one epoch; then `trainact "
     "compare` runs at the largest epoch budget whose two runs fit the time left (at most "
     f"{COMPARE_SECONDS} s of epochs), one seed. Accuracy is on the full test split.",
 }
+
+
+def _policy(device: torch.device) -> str:
+    try:
+        return precision_for(device, None, torch.float32).describe()
+    except (RuntimeError, AssertionError) as err:  # no such device: the pre-flight says why
+        return f"unknown ({type(err).__name__})"
 
 
 def _version(package: str) -> str:
@@ -607,7 +698,7 @@ def _version(package: str) -> str:
 
 
 def environment(run: Run) -> dict[str, str]:
-    if run.device.type == "cuda":
+    if run.device.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(run.device)
         device = (
             f"{props.name}, compute capability {props.major}.{props.minor}, "
@@ -627,7 +718,7 @@ def environment(run: Run) -> dict[str, str]:
     packages = ("numpy", "pytest", "hypothesis", "transformers", "timm", "torchvision")
     return {
         "device": device,
-        "precision policy": precision_for(run.device, None, torch.float32).describe(),
+        "precision policy": _policy(run.device),
         "run": "dry run (tiny sizes)" if run.dry_run else "full check",
         "torch": torch.__version__,
         "CUDA": str(torch.version.cuda),
@@ -638,14 +729,23 @@ def environment(run: Run) -> dict[str, str]:
     }
 
 
-def render(run: Run, env: dict[str, str], parts: list[Part], seconds: float, command: str) -> str:
+def render(
+    run: Run,
+    env: dict[str, str],
+    preflight: list[str],
+    parts: list[Part],
+    seconds: float,
+    command: str,
+) -> str:
     by_name = {p.name: p for p in parts}
+    checked = "passed" if not preflight else "**failed**: " + "; ".join(preflight)
     lines = [
         "# TrAct GPU check",
         "",
         f"    {command}",
         "",
         *(f"- **{k}**: {v}" for k, v in env.items()),
+        f"- **pre-flight**: {checked}",
         f"- **date**: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall time "
         f"{seconds:.0f} s (budget {run.budget:.0f} s)",
         "- **result**: "
@@ -658,7 +758,8 @@ def render(run: Run, env: dict[str, str], parts: list[Part], seconds: float, com
         lines += [f"## {number}. {title}", ""]
         part = by_name.get(name)
         if part is None:
-            lines += ["Not run (`--parts`).", ""]
+            reason = "the pre-flight failed" if preflight else "`--parts`, or not reached yet"
+            lines += [f"Not run ({reason}).", ""]
             continue
         lines += [HOW[name], ""]
         lines += [f"    {c}" for c in part.commands] + [""]
@@ -675,8 +776,57 @@ def _parts(values: list[str]) -> list[str]:
     chosen = [names[int(v) - 1] if v.isdigit() and 0 < int(v) <= len(names) else v for v in values]
     unknown = [v for v in chosen if v not in PARTS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown parts {unknown}: choose from {names} or 1-4")
+        raise argparse.ArgumentTypeError(f"unknown parts {unknown}: choose from {names} or 1-5")
     return [n for n in names if n in chosen]
+
+
+def check_before_starting(run: Run) -> list[str]:
+    """The pre-flight, in seconds and before any GPU work: what would make a part fail for a
+    reason known now (a missing file, package or script, no CUDA)."""
+    problems = []
+    if run.dataset != "cifar10-subset" and not Path(run.dataset).is_file():
+        problems.append(
+            f"--dataset {run.dataset}: no such file (`bash benchmarks/gpu_run.sh prepare` puts "
+            "the CIFAR-10 archive in .gpu/)"
+        )
+    missing = [m for m in run.sizes.needs if importlib.util.find_spec(m) is None]
+    if missing:
+        problems.append(f"missing packages: {', '.join(missing)}")
+    for script in ("overhead.py", "op_count.py", "accuracy.py"):
+        if not (BENCHMARKS / script).is_file():
+            problems.append(f"benchmarks/{script} is missing")
+    if not run.dry_run and not torch.cuda.is_available():
+        problems.append(
+            f"CUDA is not available (torch {torch.__version__}, CUDA {torch.version.cuda})"
+        )
+    return problems
+
+
+def publish(
+    run: Run, out: Path, preflight: list[str], parts: list[Part], start: float, command: str
+) -> None:
+    """Write the report and its JSON twin (and copy them, with the kept files, to ``$OUT``):
+    after the pre-flight and after every part, so that a run cut off keeps what it measured."""
+    env = environment(run)
+    seconds = time.monotonic() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(run, env, preflight, parts, seconds, command))
+    data = {
+        "environment": env,
+        "dry_run": run.dry_run,
+        "budget": run.budget,
+        "seconds": seconds,
+        "preflight": preflight,
+        "parts": [asdict(p) for p in parts],
+    }
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        for path in (out, out.with_suffix(".json")):
+            shutil.copy(path, Path(out_dir) / path.name)
+        for src, name in run.keep:
+            if src.exists():
+                shutil.copy(src, Path(out_dir) / name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -685,12 +835,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="every part at tiny sizes")
     parser.add_argument(
         "--dataset",
-        help="part 4's CIFAR-10 (.gpu/cifar10-jpeg.tar.gz); default the embedded subset",
+        help="part 5's CIFAR-10 (.gpu/cifar10-jpeg.tar.gz); default the embedded subset",
     )
-    parser.add_argument("--budget", type=float, default=480, help="seconds for the whole run")
+    parser.add_argument("--budget", type=float, default=360, help="seconds for the whole run")
     parser.add_argument("--device", help="cuda (default where available), cuda:1, cpu, ...")
     parser.add_argument(
-        "--parts", nargs="+", default=list(PARTS), help=f"a subset of {', '.join(PARTS)} (or 1-4)"
+        "--parts", nargs="+", default=list(PARTS), help=f"a subset of {', '.join(PARTS)} (or 1-5)"
     )
     args = parser.parse_args(argv)
     try:
@@ -704,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         ["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]
     )
     print(f"gpu_check: {'dry run' if dry else 'full check'} on {device}: {chosen}", flush=True)
+    parts: list[Part] = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         run = Run(
             device,
@@ -715,15 +866,20 @@ def main(argv: list[str] | None = None) -> int:
             chosen,
             args.budget,
         )
+        preflight = check_before_starting(run)
+        print(f"== pre-flight: {preflight or 'passed'}", flush=True)
+        publish(run, args.out, preflight, parts, start, command)
+        if preflight:
+            return 2
         if "compare" in chosen:
             run.decoding = start_decoding(run.dataset)
         functions = {
-            "tests": part_tests,
-            "overhead": part_overhead,
+            "cost": part_cost,
             "accuracy": part_accuracy,
+            "tests": part_tests,
+            "compile": part_tests,
             "compare": part_compare,
         }
-        parts = []
         for name in chosen:
             part = Part(name)
             began = time.monotonic()
@@ -736,28 +892,9 @@ def main(argv: list[str] | None = None) -> int:
             part.seconds = time.monotonic() - began
             print(f"== {name}: {part.status} {part.summary} {part.problems}", flush=True)
             parts.append(part)
+            publish(run, args.out, preflight, parts, start, command)
         if run.decoding is not None and run.decoding[0].poll() is None:
-            run.decoding[0].kill()  # part 4 never waited for it
-        env = environment(run)
-        seconds = time.monotonic() - start
-        report = render(run, env, parts, seconds, command)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-        data = {
-            "environment": env,
-            "dry_run": dry,
-            "budget": args.budget,
-            "seconds": seconds,
-            "parts": [asdict(p) for p in parts],
-        }
-        args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-        out_dir = os.environ.get("OUT")
-        if out_dir:
-            for path in (args.out, args.out.with_suffix(".json")):
-                shutil.copy(path, Path(out_dir) / path.name)
-            for src, name in run.keep:
-                if src.exists():
-                    shutil.copy(src, Path(out_dir) / name)
+            run.decoding[0].kill()  # part 5 never waited for it
     failed = [p for p in parts if p.status == "fail"]
     print(f"\nwrote {args.out}: " + ", ".join(f"{p.name} {p.status}" for p in parts))
     return 1 if failed else 0

@@ -10,12 +10,15 @@
 # 2. The device tool's run, from the same checkout:
 #        command: bash benchmarks/gpu_run.sh
 #        carry:   [".gpu"]
-#        timeout_s: 600   (the check budgets itself to 480 s, --budget)
-#    What comes back under $OUT: gpu_report.md, gpu_report.json, gpu_tests_junit.xml,
-#    gpu_check.log, compare_results.jsonl, compare_accuracy.png. Arguments go to
-#    gpu_check.py: a rerun within the device time left can take a subset of the parts
-#    (tests overhead accuracy compare, or 1-4), e.g. `bash benchmarks/gpu_run.sh --parts tests`;
-#    their shares of the budget are 270, 50, 30 s and the rest (about 130 s) for compare.
+#        timeout_s: 600   (the check budgets itself to 360 s, --budget; the rest is slack)
+#    It first checks .gpu/ (seconds, before anything touches the GPU; exit 2 and a report in
+#    $OUT naming what is missing), then runs the parts: cost, accuracy, tests, compile,
+#    compare. What comes back under $OUT, rewritten after every part: gpu_report.md,
+#    gpu_report.json, gpu_tests_junit.xml, gpu_compile_junit.xml, gpu_check.log,
+#    compare_results.jsonl, compare_accuracy.png. Arguments go to gpu_check.py: a rerun within
+#    the device time left can take a subset of the parts (or 1-5), e.g.
+#    `bash benchmarks/gpu_run.sh --parts cost --budget 120`; their shares of the budget are
+#    110, 40, 90, 60 and 60 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +32,17 @@ if [[ "${1:-}" == prepare ]]; then
     exit 0
 fi
 
+out="${OUT:-.}"
+missing=()
+[[ -f .gpu/cifar10-jpeg.tar.gz ]] || missing+=(".gpu/cifar10-jpeg.tar.gz")
+compgen -G ".gpu/torch_tract-*.whl" >/dev/null || missing+=(".gpu/torch_tract-1.0.0 wheel")
+if ((${#missing[@]})); then
+    message="missing ${missing[*]} (run 'bash benchmarks/gpu_run.sh prepare' here and carry .gpu)"
+    echo "pre-flight failed: $message" | tee "$out/gpu_check.log"
+    printf '# TrAct GPU check\n\n- **pre-flight**: **failed**: %s\n' "$message" >"$out/gpu_report.md"
+    exit 2
+fi
+
 site="${SITE:-/tmp/site}"  # where the carried wheels are installed
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" .gpu/*.whl
@@ -36,4 +50,4 @@ export PYTHONPATH="$PWD/src:$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm --format=csv || true
 python3 benchmarks/gpu_check.py --dataset .gpu/cifar10-jpeg.tar.gz --out gpu_report.md "$@" 2>&1 \
-    | tee "${OUT:-.}/gpu_check.log"
+    | tee "$out/gpu_check.log"

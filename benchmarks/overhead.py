@@ -10,13 +10,16 @@
 2. A whole training step (forward, backward, SGD step) of a small CIFAR ResNet at batch 128:
    time with TrAct on its stem over time without (target: ≤ 1.03). The two models' steps
    alternate within each process, and the median ratio over ``--rounds`` processes is reported.
-   ``--amp bf16`` and ``--channels-last`` time it as GPUs usually train.
+   ``--amp bf16`` and ``--channels-last`` time it as GPUs usually train; ``--model`` takes
+   several, among them torchvision's ``torchvision:resnet50`` and ``torchvision:vit_b_16`` on
+   224² images (TrAct on their ``conv1`` and ``conv_proj``).
 3. An MLP on flattened images whose first layer is wider than its batch (n < d: the n×n form):
    ``Linear(3072)`` (CIFAR) and ``Linear(784)`` (MNIST) first layers, hidden width 512, batch
    128 (``--mlp-batch``): step time with TrAct over without (target: ≤ 1.3) and the first
    layer's gradient against the float64 answer (target: ≤ 1e-5).
 
-``--statistics-dtype`` takes one or more of ``default`` (the device's precision policy),
+``--cpu-chunk-mib`` sets TrAct's chunk on the CPU (default 4 MiB), to measure what its size
+costs. ``--statistics-dtype`` takes one or more of ``default`` (the device's precision policy),
 ``float32`` (the split float32 path of devices without fast float64) and ``float64``: each
 benchmark runs TrAct once per value, so the paths' costs stand side by side.
 
@@ -130,7 +133,8 @@ def step_worker(
         if memory_format is not None:
             model = model.to(memory_format=memory_format)
         if method == "trainact":
-            trainact.apply(model, **_options(statistics_dtype))
+            layer = TORCHVISION_FIRST_LAYERS.get(model_name.removeprefix("torchvision:"))
+            trainact.apply(model, layer=layer, **_options(statistics_dtype))
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
@@ -158,10 +162,20 @@ def mlp(d: int, hidden: int = 512) -> nn.Sequential:
     )
 
 
+#: torchvision's models that benchmark 2 takes (``torchvision:<name>``, 224² images), with the
+#: layer TrAct goes on.
+TORCHVISION_FIRST_LAYERS = {"resnet50": "conv1", "vit_b_16": "conv_proj"}
+
+
 def _model_and_batch(name: str, batch: int, device: str) -> tuple[torch.Tensor, Callable]:
     if name.startswith("mlp-"):
         d = int(name.removeprefix("mlp-"))
         return torch.randn(batch, d, device=device), lambda: mlp(d)
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        factory = getattr(torchvision.models, name.removeprefix("torchvision:"))
+        return torch.randn(batch, 3, 224, 224, device=device), lambda: factory(num_classes=1000)
     from trainact.experiments.models import build_model
 
     x = torch.randn(batch, 3, 32, 32, device=device)
@@ -199,7 +213,9 @@ def alternate_steps(
 
 
 def _worker_args(args: argparse.Namespace) -> list[str]:
-    return ["--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats)]
+    chunk = ["--cpu-chunk-mib", str(args.cpu_chunk_mib)] if args.cpu_chunk_mib else []
+    return ["--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats),
+            *chunk]  # fmt: skip
 
 
 def _run_stem(args: argparse.Namespace, method: str, dtype: str) -> dict[str, float | None]:
@@ -289,27 +305,31 @@ def bench_stem(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch": args.batch, "rows": rows}
 
 
-def bench_step(args: argparse.Namespace) -> dict[str, Any]:
-    rows = []
+def bench_step(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per model: the step-time ratio per statistics dtype, medians over the rounds."""
     setting = f"batch {args.step_batch}, amp {args.amp}" + (
         ", channels_last" if args.channels_last else ""
     )
-    print(f"\n{args.model} training step, {setting}")
-    for dtype in args.statistics_dtype:
-        ratios, runs = [], []
-        for _ in range(args.rounds):
-            ms = _run_step(args, args.model, dtype)
-            runs.append(ms)
-            ratios.append(ms["trainact"] / ms["plain"])
-            print(f"  ({dtype}) plain {ms['plain']:.2f} ms, trainact {ms['trainact']:.2f} ms")
-        ratio = statistics.median(ratios)
-        print(
-            f"{args.model} ({dtype}): time with TrAct / without = {ratio:.3f} "
-            f"(median of {args.rounds} rounds; target <= {TARGETS['step']})"
-        )
-        rows.append({"statistics_dtype": dtype, "ratio": ratio, "runs": runs})
-    return {"model": args.model, "batch": args.step_batch, "amp": args.amp,
-            "channels_last": args.channels_last, "rows": rows}  # fmt: skip
+    results = []
+    for model in args.model:
+        print(f"\n{model} training step, {setting}")
+        rows = []
+        for dtype in args.statistics_dtype:
+            ratios, runs = [], []
+            for _ in range(args.rounds):
+                ms = _run_step(args, model, dtype)
+                runs.append(ms)
+                ratios.append(ms["trainact"] / ms["plain"])
+                print(f"  ({dtype}) plain {ms['plain']:.2f} ms, trainact {ms['trainact']:.2f} ms")
+            ratio = statistics.median(ratios)
+            print(
+                f"{model} ({dtype}): time with TrAct / without = {ratio:.3f} "
+                f"(median of {args.rounds} rounds; target <= {TARGETS['step']})"
+            )
+            rows.append({"statistics_dtype": dtype, "ratio": ratio, "runs": runs})
+        results.append({"model": model, "batch": args.step_batch, "amp": args.amp,
+                        "channels_last": args.channels_last, "rows": rows})  # fmt: skip
+    return results
 
 
 def bench_mlp(args: argparse.Namespace) -> dict[str, Any]:
@@ -340,7 +360,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="stem batch size")
     parser.add_argument("--step-batch", type=int, default=128, help="ResNet batch size")
     parser.add_argument("--mlp-batch", type=int, help="MLP batch size (default: --step-batch)")
-    parser.add_argument("--model", default="resnet18", help="the CIFAR ResNet of benchmark 2")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["resnet18"],
+        help="benchmark 2's models: CIFAR models of trainact.experiments.models, or "
+        f"torchvision:{' torchvision:'.join(TORCHVISION_FIRST_LAYERS)} (224² images)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per process")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved processes per method")
     parser.add_argument("--only", choices=["stem", "step", "mlp"], nargs="+", help="benchmarks")
@@ -354,11 +380,18 @@ def main() -> None:
     parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="step autocast")
     parser.add_argument("--channels-last", action="store_true", help="step in channels_last")
     parser.add_argument("--in-process", action="store_true", help="no worker processes")
+    parser.add_argument(
+        "--cpu-chunk-mib", type=float, help="TrAct's chunk on the CPU, in MiB (default 4)"
+    )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--worker", choices=["stem", "step"], help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.mlp_batch = args.mlp_batch or args.step_batch
+    if args.cpu_chunk_mib:  # what the CPU's chunk size costs: every TrAct call of this process
+        from trainact.nn import adapters
+
+        adapters.CHUNK_BYTES = int(args.cpu_chunk_mib * 2**20)
     if args.worker == "stem":
         dtype = args.statistics_dtype[0]
         print(json.dumps(stem_worker(args.method, args.batch, args.repeats, args.device, dtype)))
@@ -368,7 +401,7 @@ def main() -> None:
             args.step_batch,
             args.repeats,
             args.device,
-            args.model,
+            args.model[0],
             args.statistics_dtype[0],
             args.amp,
             args.channels_last,
@@ -381,6 +414,7 @@ def main() -> None:
         f"statistics_dtype {' '.join(args.statistics_dtype)}, "
         f"{'in-process' if args.in_process else 'worker processes'}"
     )
+    benchmarks: dict[str, Callable[[argparse.Namespace], Any]]
     benchmarks = {"stem": bench_stem, "step": bench_step, "mlp": bench_mlp}
     results: dict[str, Any] = {}
     start = time.perf_counter()

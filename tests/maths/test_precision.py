@@ -60,6 +60,63 @@ def test_gpu_policy_by_compute_capability(name, major, minor, arch, fast):
     assert ("full-rate" if fast else "reduced-rate") in p.describe()
 
 
+@pytest.mark.parametrize(
+    "name,measured,fast",
+    [
+        ("NVIDIA H20", None, False),  # 9.0 by its capability, about 1 TFLOP/s of float64
+        ("NVIDIA H100 80GB HBM3", None, True),
+        ("NVIDIA A100-SXM4-80GB", None, True),
+        ("NVIDIA H800", 2.1, True),  # not in either table: measured at full rate
+        ("NVIDIA H800", 48.0, False),  # measured slow
+        ("NVIDIA H800", "unmeasured", False),  # nothing to measure with: the safe default
+    ],
+)
+def test_float64_rate_by_name_or_measurement(name, measured, fast):
+    """A full-rate compute capability (9.0) does not settle float64's rate: the name table
+    decides where it knows the model, a measurement (float64's slowdown against float32)
+    where it does not, and without one the split product (accurate everywhere) is chosen."""
+    calls: list[int] = []
+
+    def measure() -> float:
+        calls.append(1)
+        assert isinstance(measured, float)
+        return measured
+
+    p = precision.gpu_precision(name, 9, 0, measure=None if measured == "unmeasured" else measure)
+    assert p.fast_float64 is fast
+    assert p.product == (precision.FLOAT64 if fast else precision.SPLIT_FLOAT32)
+    assert len(calls) == (1 if isinstance(measured, float) else 0)
+    assert ("(measured:" in p.describe()) is isinstance(measured, float)
+
+
+def test_float64_slowdown_is_measured_on_the_device():
+    """The one-off measurement runs on any device; on this CPU float64 is at half rate or
+    better, well within the full-rate bound."""
+    slowdown = precision.float64_slowdown(CPU, size=256)
+    assert 0 < slowdown <= precision.FULL_RATE_SLOWDOWN
+
+
+def test_gpu_policy_carries_the_devices_memory_for_the_chunks():
+    """The device's memory reaches the chunk rule (keyword, default: unknown)."""
+    assert precision.gpu_precision("NVIDIA GeForce RTX 4090", 8, 9).memory is None
+    p = precision.gpu_precision("NVIDIA GeForce RTX 4090", 8, 9, memory=24 * 10**9)
+    assert p.memory == 24 * 10**9
+    assert precision.precision_for(CPU, torch.float32, torch.float32).memory is None
+
+
+def test_int8_products_on_matrix_units_only():
+    """The split product's exact part in int8 on GPUs with int8 matrix units (compute
+    capability 7.2 on, ROCm) and MPS, not on the CPU, whose int8 product is slower than
+    float32's (exact float32 blocks run there); and only where torch has the kernel."""
+    assert precision.gpu_precision("NVIDIA GeForce RTX 4090", 8, 9).int8
+    assert precision.gpu_precision("MI300X", 9, 4, "gfx942").int8
+    assert not precision.gpu_precision("NVIDIA V100", 7, 0).int8
+    assert not precision.precision_for(CPU, torch.float32, torch.float32).int8
+    assert precision.HOST_SOLVE.int8 and "int8" in precision.HOST_SOLVE.describe()
+    assert precision.has_int8_kernel(CPU) and precision.has_int8_kernel(torch.device("meta"))
+    assert not precision.has_int8_kernel(torch.device("xla"))
+
+
 def test_policy_by_device_type_and_override():
     cpu = precision.precision_for(CPU, None, torch.float32)
     assert cpu.product == precision.CHECKED_FLOAT32 and not cpu.host_solve
@@ -124,7 +181,10 @@ def test_host_solve_path_is_accurate(device, case):
     else:
         expected = reference_tract_grad(layer, x, plain.weight.grad, 0.1)
         assert relative_error(layer.weight.grad, expected) < 2e-3
-        assert ("aten.sum.dim_IntList", torch.int64, device.type) in log.ops  # the exact part
+        exact = [
+            op for op, dtype, where in log.ops if dtype == torch.int64 and where == device.type
+        ]
+        assert exact, "the exact part is summed in int64 on the device"
 
 
 def matmul_settings() -> tuple[str, str]:
@@ -140,9 +200,18 @@ def matmul_settings() -> tuple[str, str]:
 IEEE = ("ieee",) * 2 if hasattr(torch.backends.cuda.matmul, "fp32_precision") else ("highest",) * 2
 
 
+#: The statistics' products, and the index of each one's first operand (baddbmm's first
+#: argument is the sum it adds to).
+PRODUCTS = {
+    torch.ops.aten.bmm.default: 0,
+    torch.ops.aten.baddbmm.default: 1,
+    torch.ops.aten.baddbmm_.default: 1,
+}
+
+
 class MatmulPrecision(TorchDispatchMode):
-    """The matmul precision settings in force at each bmm of float32 operands (the statistics'
-    float32 products), and how many bmm ran at all."""
+    """The matmul precision settings in force at each product of float32 operands (the
+    statistics' float32 products), and how many products ran at all."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,9 +219,9 @@ class MatmulPrecision(TorchDispatchMode):
         self.products = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.bmm.default:
+        if func in PRODUCTS:
             self.products += 1
-            if args[0].dtype == torch.float32:
+            if args[PRODUCTS[func]].dtype == torch.float32:
                 self.seen.append(matmul_settings())
         return func(*args, **(kwargs or {}))
 
@@ -228,16 +297,17 @@ def test_policy_is_logged_once_with_lambda(caplog):
 
 
 class EmulatedTF32(TorchDispatchMode):
-    """bmm with its float32 operands truncated to TF32's 10 mantissa bits, as tensor cores do,
-    whenever the matmul precision allows TF32."""
+    """Products with their float32 operands truncated to TF32's 10 mantissa bits, as tensor
+    cores do, whenever the matmul precision allows TF32."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.bmm.default and matmul_settings() != IEEE:
-            args = tuple(
+        if func in PRODUCTS and matmul_settings() != IEEE:
+            first = PRODUCTS[func]
+            args = args[:first] + tuple(
                 (a.view(torch.int32) & ~0x1FFF).view(torch.float32)
                 if isinstance(a, torch.Tensor) and a.dtype == torch.float32
                 else a
-                for a in args
+                for a in args[first:]
             )
         return func(*args, **(kwargs or {}))
 

@@ -1,7 +1,8 @@
 """The statistics of one call (trainact/nn/call_statistics.py): accuracy at every input scale on
 real photos against the float64 reference, and the CPU's float32/float64 choice.
 
-The cases and their targets live in trainact.testing; benchmarks/py prints them as a table.
+The cases and their targets live in testing/accuracy_cases.py; benchmarks/accuracy.py prints
+them as a table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from testing.accuracy_cases import (
     tokens,
 )
 from testing.harness import tract_and_reference_grads, tract_error
+from trainact.maths import precision
 from trainact.testing import relative_error
 
 pytest.importorskip("numpy")
@@ -50,6 +52,25 @@ def test_float32_path_meets_the_target(images, case):
 @pytest.mark.parametrize("case", ACCURACY_CASES, ids=CASE_IDS)
 def test_float64_statistics_are_exact(images, case):
     assert case_error(case, images, torch.float64) <= case.exact_target
+
+
+GPU_POLICIES = {
+    "H100": precision.gpu_precision("NVIDIA H100 80GB HBM3", 9, 0, memory=80 * 10**9),
+    "RTX 4090": precision.gpu_precision("NVIDIA GeForce RTX 4090", 8, 9, memory=24 * 10**9),
+    "no float64": precision.HOST_SOLVE,
+}
+
+
+@pytest.mark.parametrize("policy", GPU_POLICIES)
+@pytest.mark.parametrize("case", ACCURACY_CASES, ids=CASE_IDS)
+def test_every_devices_path_meets_the_target(images, case, policy):
+    """Each device's default path run here (forced by use_precision): the H100's float64
+    product, the RTX 4090's split product with its exact part in int8, the host solve of a
+    device without float64 (its exact part in int8 and int64)."""
+    chosen = GPU_POLICIES[policy]
+    with precision.use_precision(chosen):
+        error = case_error(case, images)
+    assert error <= (case.exact_target if chosen.product == precision.FLOAT64 else case.target)
 
 
 SCALES = {
@@ -96,12 +117,12 @@ def _record_products(monkeypatch) -> list[torch.dtype]:
     from trainact.nn import call_statistics
 
     chosen: list[torch.dtype] = []
-    original = call_statistics._accumulate
+    original = call_statistics._product
     monkeypatch.setattr(
         call_statistics,
-        "_accumulate",
-        lambda stats, adapter, x, mean, dtype: (
-            chosen.append(dtype) or original(stats, adapter, x, mean, dtype)
+        "_product",
+        lambda stats, adapter, x, mean, dtype, precision: (
+            chosen.append(dtype) or original(stats, adapter, x, mean, dtype, precision)
         ),
     )
     return chosen
@@ -111,8 +132,6 @@ def _record_products(monkeypatch) -> list[torch.dtype]:
 def test_float32_product_is_chosen_only_where_it_is_accurate(images, monkeypatch):
     """Standardized input: the fast float32 product; raw pixels: float64. Forcing float32 on
     raw pixels breaks the target, so the choice is what keeps the default accurate."""
-    from trainact.maths import precision
-
     chosen = _record_products(monkeypatch)
     case = next(c for c in ACCURACY_CASES if c.name == "[0, 255], 8x8/8")
     case_error(ACCURACY_CASES[0], images)
@@ -154,8 +173,6 @@ def _outlier_rows(images: torch.Tensor) -> torch.Tensor:
 def test_float32_choice_cannot_be_fooled(images, monkeypatch, make_layer, make_input):
     """Inputs whose cheap estimate says float32 where the float32 product misses the target:
     the product's own diagonal sends them to float64. Forcing float32 shows they need it."""
-    from trainact.maths import precision
-
     x = make_input(images)
     torch.manual_seed(0)
     chosen = _record_products(monkeypatch)

@@ -320,12 +320,12 @@ def test_compiled_cpu_statistics_still_choose_float32_where_accurate(monkeypatch
 
     torch._dynamo.reset()
     chosen = []
-    original = call_statistics._accumulate
+    original = call_statistics._product
     monkeypatch.setattr(
         call_statistics,
-        "_accumulate",
-        lambda stats, adapter, x, mean, dtype: (
-            chosen.append(dtype) or original(stats, adapter, x, mean, dtype)
+        "_product",
+        lambda stats, adapter, x, mean, dtype, precision: (
+            chosen.append(dtype) or original(stats, adapter, x, mean, dtype, precision)
         ),
     )
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())

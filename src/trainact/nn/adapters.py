@@ -1,12 +1,12 @@
 """One adapter per layer family: how a layer sees its input as patches.
 
 Every adapter answers the same questions (the kfac-pytorch pattern): the patch geometry (groups,
-d per group, n for an input), the input's per-channel moments, and the patches themselves as a
-stream of bounded ``(groups, d, cols)`` chunks (patches as columns, see
-:mod:`trainact.maths.statistics`) or, for n < d, as rows, taken exactly as the layer's forward
-sees its input (after its padding mode, with its stride, dilation and groups). An adapter holds
-the geometry only (plain numbers), so that it can be rebuilt from :meth:`spec` (the
-compile-time custom op of :mod:`trainact.nn.call_statistics` does).
+d per group, n for an input), the input's per-channel moments, and the patches themselves as
+views of bounded slices of the (padded) input, ``(groups, d, cols)`` by their layout (patches
+as columns, see :mod:`trainact.maths.statistics`), or, for n < d, as rows, taken exactly as the
+layer's forward sees its input (after its padding mode, with its stride, dilation and groups).
+An adapter holds the geometry only (plain numbers), so that it can be rebuilt from
+:meth:`spec` (the compile-time custom op of :mod:`trainact.nn.call_statistics` does).
 """
 
 from __future__ import annotations
@@ -20,22 +20,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Largest patch chunk held at once, in bytes of the statistics dtype (bounds the extra memory).
-#: On the CPU a chunk that stays in cache between its copy and its product is fastest (measured:
-#: 2 to 4 MiB beat 16 MiB by ~7% of TrAct's cost on an ImageNet stem); accelerators prefer fewer,
-#: larger chunks (fewer kernel launches).
+#: The CPU's chunk: one that stays in cache between its copy and its product is fastest
+#: (the ImageNet stem, 2026-12-06: 4 and 16 MiB equal, 64 MiB a third slower; docs/cost.md).
 CHUNK_BYTES = 4 * 2**20
-ACCELERATOR_CHUNK_BYTES = 32 * 2**20
+#: An accelerator's chunk: its working set (its buffers and the input-sized tensors they are
+#: copied from) is at most this fraction of the device's memory, so that a call launches a few
+#: large kernels (the ResNet-50 stem at batch 256: 4 chunks on an 80 GB device) and TrAct's
+#: extra peak memory stays within 2% of the device's (``benchmarks/op_count.py``).
+MEMORY_FRACTION = 1 / 64
+#: The memory assumed for an accelerator that does not say (MPS, other device types).
+UNKNOWN_MEMORY = 8 * 2**30
 
 
-def chunk_bytes(device: torch.device) -> int:
-    """The chunk budget for tensors on ``device``."""
-    return CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+def chunk_budget(device: torch.device, memory: int | None) -> int:
+    """The bytes of one chunk's working set for tensors on ``device``, of ``memory`` bytes."""
+    if device.type == "cpu":
+        return CHUNK_BYTES
+    return int((memory or UNKNOWN_MEMORY) * MEMORY_FRACTION)
 
-
-#: A centered ``(groups, d, cols)`` chunk and its column sums ``(groups, d)``, or None where
-#: :meth:`PatchStatistics.add_chunk` should compute them.
-Chunk = tuple[Tensor, "Tensor | None"]
 
 #: A layer TrAct supports (or a subclass of one that keeps its forward).
 Layer = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
@@ -76,12 +78,44 @@ class LinearAdapter:
         """A per-feature vector as the ``(groups, d)`` value of each patch entry."""
         return per_feature.unsqueeze(0)
 
-    def chunks(self, input: Tensor, dtype: torch.dtype, mean: Tensor) -> Iterator[Chunk]:
-        """``(1, d, cols)`` chunks of the rows minus ``mean``, in ``dtype`` (sums not known)."""
+    def slices(self, input: Tensor, cols: int) -> Iterator[Tensor]:
+        """The rows, ``cols`` at a time."""
         rows = input.reshape(-1, self.dim)
-        step = max(1, chunk_bytes(rows.device) // (self.dim * dtype.itemsize))
+        step = _multiple_of_8(cols, 1)
         for start in range(0, rows.shape[0], step):
-            yield (rows[start : start + step].to(dtype) - mean).mT.unsqueeze(0), None
+            yield rows[start : start + step]
+
+    def padded(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def padded_shape(self, shape: torch.Size) -> list[int]:
+        return list(shape)
+
+    #: Whether the padding is constant zeros (or none): a transformed slice can then be written
+    #: into the :meth:`unpadded` part of a buffer whose padding holds the transformed zero.
+    zero_padding = True
+
+    def unpadded(self, padded: Tensor) -> Tensor:
+        return padded
+
+    def pieces(self, rows: Tensor, cols: int) -> Iterator[Tensor]:
+        """A slice of rows ``(r, d)`` as patch columns ``(1, d, r)``."""
+        yield rows.mT.unsqueeze(0)
+
+    def channelwise(self, per_feature: Tensor) -> Tensor:
+        """A per-feature vector shaped to broadcast over rows."""
+        return per_feature
+
+    def entrywise(self, per_feature: Tensor) -> Tensor:
+        """A per-feature vector shaped to broadcast over :meth:`pieces`."""
+        return per_feature.view(1, -1, 1)
+
+    def input_elements_per_column(self, input: Tensor) -> float:
+        return self.dim
+
+    def smallest_piece(self, input: Tensor) -> int:
+        """The fewest columns :meth:`pieces` cuts: one row."""
+        return 1
 
     def rows(self, input: Tensor) -> Tensor:
         """The patches as rows, ``(1, n, d)``."""
@@ -211,48 +245,82 @@ class ConvAdapter:
         per_entry = per_channel.view(self.groups, -1, 1).expand(-1, -1, kernel)
         return per_entry.reshape(self.groups, -1)
 
-    def _padded(self, x: Tensor) -> Tensor:
+    def slices(self, input: Tensor, cols: int) -> Iterator[Tensor]:
+        """Batch slices of the input whose patches are at most ``cols`` columns (or one sample)."""
+        input = self._batched(input)
+        per_sample = math.prod(self._output_size(input))
+        step = _multiple_of_8(max(1, cols // per_sample), per_sample)
+        for start in range(0, input.shape[0], step):
+            yield input[start : start + step]
+
+    def padded(self, x: Tensor) -> Tensor:
+        """A batch slice as the layer's kernels see it: padded by its padding mode."""
         if not any(self.pads):
             return x
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         return F.pad(x, self.pads, mode=mode)
 
-    def chunks(self, input: Tensor, dtype: torch.dtype, mean: Tensor) -> Iterator[Chunk]:
-        """``(groups, d, cols)`` chunks of the patches of the (padded) input minus its channel
-        ``mean``, in ``dtype``, with their column sums where they come cheaply. Padding comes
-        first, so a zero pad becomes −mean like any zero entry: every patch entry is shifted by
-        the same constant."""
-        input = self._batched(input)
-        mean = mean.view(1, -1, *([1] * self.spatial))
-        per_sample = math.prod(self._output_size(input))
-        if per_sample <= 0:
+    def padded_shape(self, shape: torch.Size) -> list[int]:
+        """The shape of a batch slice of ``shape`` once padded."""
+        padded = list(shape)
+        for i in range(self.spatial):
+            j = 2 * (self.spatial - 1 - i)
+            padded[len(shape) - self.spatial + i] += self.pads[j] + self.pads[j + 1]
+        return padded
+
+    @property
+    def zero_padding(self) -> bool:
+        """Whether the padding is constant zeros (or none): a transformed slice can then be
+        written into the :meth:`unpadded` part of a buffer whose padding holds the transformed
+        zero."""
+        return self.padding_mode == "zeros" or not any(self.pads)
+
+    def unpadded(self, padded: Tensor) -> Tensor:
+        """The input's part of a padded batch slice (a view)."""
+        index = [slice(None)] * (padded.dim() - self.spatial)
+        for i in range(self.spatial):
+            j = 2 * (self.spatial - 1 - i)
+            size = padded.shape[padded.dim() - self.spatial + i]
+            index.append(slice(self.pads[j], size - self.pads[j + 1]))
+        return padded[tuple(index)]
+
+    def pieces(self, x: Tensor, cols: int) -> Iterator[Tensor]:
+        """The patches of a padded batch slice ``(b, C, *S)`` as strided views
+        ``(g, C/g, *kernel, b, *out)`` of at most ``cols`` columns each: the whole slice, or
+        one sample split along its first output dimension."""
+        v = self._patches(x)
+        out = v.shape[v.dim() - self.spatial :]
+        if v.shape[v.dim() - self.spatial - 1] * math.prod(out) <= cols:
+            yield v
             return
-        rows_budget = max(1, chunk_bytes(input.device) // (self.dim * self.groups * dtype.itemsize))
-        batch_step = max(1, rows_budget // per_sample)
-        for start in range(0, input.shape[0], batch_step):
-            # input-sized passes (channels-last made contiguous: the patch copy below then runs
-            # along the last dimension); the patches themselves are copied once, below
-            x = (self._padded(input[start : start + batch_step]).to(dtype) - mean).contiguous()
-            v = self._patches(x)
-            if batch_step > 1 or per_sample <= rows_budget:
-                # Patch sums are linear: those of the batch-summed input, from an input-sized
-                # pass instead of a pass over the (kernel-volume times larger) patches.
-                sums = self._patches(x.sum(0, keepdim=True)).sum(
-                    [*range(2 + self.spatial, v.dim())]
-                )
-                yield v.reshape(self.groups, self.dim, -1), sums.reshape(self.groups, self.dim)
-                continue
-            # One sample is larger than the budget: split it along its first output dimension.
-            first_out = 3 + self.spatial
-            row_step = max(1, rows_budget // (per_sample // v.shape[first_out]))
-            for r in range(0, v.shape[first_out], row_step):
-                part = v.narrow(first_out, r, min(row_step, v.shape[first_out] - r))
-                yield part.reshape(self.groups, self.dim, -1), None
+        first_out = v.dim() - self.spatial
+        step = max(1, cols // math.prod(out[1:]))
+        for start in range(0, out[0], step):
+            yield v.narrow(first_out, start, min(step, out[0] - start))
+
+    def channelwise(self, per_channel: Tensor) -> Tensor:
+        """A per-channel vector shaped to broadcast over batch slices."""
+        return per_channel.view(-1, *([1] * self.spatial))
+
+    def entrywise(self, per_channel: Tensor) -> Tensor:
+        """A per-channel vector shaped to broadcast over :meth:`pieces`."""
+        return per_channel.view(self.groups, -1, *([1] * (2 * self.spatial + 1)))
+
+    def smallest_piece(self, input: Tensor) -> int:
+        """The fewest columns :meth:`pieces` cuts: one row of outputs of one sample."""
+        return math.prod(self._output_size(input)[1:])
+
+    def input_elements_per_column(self, input: Tensor) -> float:
+        """Elements of the padded input per patch: what an input-sized temporary costs per
+        column of a chunk."""
+        sample = self._batched(input)[0]
+        padded = math.prod(self.padded_shape(sample.shape))
+        return padded / math.prod(self._output_size(sample))
 
     def rows(self, input: Tensor) -> Tensor:
         """The patches as rows, ``(groups, n, d)``, ordered as :meth:`grad_rows` orders the
         output gradient (batch, then output positions)."""
-        v = self._patches(self._padded(self._batched(input)))
+        v = self._patches(self.padded(self._batched(input)))
         return v.reshape(self.groups, self.dim, -1).mT
 
     def grad_rows(self, grad: Tensor) -> Tensor:
@@ -283,6 +351,13 @@ class ConvAdapter:
             every_dth = (..., *(slice(None, None, d) for d in self.dilation))
             v = v[every_dth]
         return v.permute([1, 2, *range(3 + n_sp, 3 + 2 * n_sp), 0, *range(3, 3 + n_sp)])
+
+
+def _multiple_of_8(count: int, columns: int) -> int:
+    """``count`` items of ``columns`` columns each, rounded down (where it can be) so that
+    their columns are a multiple of 8: int8 products then need no zeroed margin."""
+    unit = 8 // math.gcd(columns, 8)
+    return count - count % unit if count >= unit else count
 
 
 @functools.lru_cache(maxsize=256)
