@@ -197,23 +197,27 @@ def test_untraceable_model_without_a_layer_is_refused(tmp_path):
     assert not trainact.is_enabled(model)
 
 
-def test_where_tract_runs_is_said_in_the_trainers_log(tmp_path, caplog):
+def test_where_tract_runs_is_said_in_the_trainers_log(tmp_path):
+    """One line, through the Trainer's own logger (a handler on it sees each record once,
+    whatever else propagates or captures them)."""
+    seen: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    trainer_logger = logging.getLogger("transformers.trainer")
     transformers.logging.set_verbosity_info()
-    transformers.logging.enable_propagation()  # to caplog
+    trainer_logger.addHandler(handler)
     try:
-        with caplog.at_level(logging.INFO):
-            trainer = TrActTrainer(
-                model=Classifier(),
-                args=arguments(tmp_path, 1),
-                train_dataset=dataset(),
-                tract_layer="net.0",
-            )
-            trainer.train()
+        trainer = TrActTrainer(
+            model=Classifier(),
+            args=arguments(tmp_path, 1),
+            train_dataset=dataset(),
+            tract_layer="net.0",
+        )
+        trainer.train()
     finally:
-        transformers.logging.disable_propagation()
+        trainer_logger.removeHandler(handler)
         transformers.logging.set_verbosity_warning()
-    lines = [r.getMessage() for r in caplog.records if r.name == "transformers.trainer"]
-    assert [line for line in lines if line.startswith("TrAct on net.0 (Conv2d)")] == [
+    assert [line for line in seen if line.startswith("TrAct on net.0 (Conv2d)")] == [
         trainact.summary(trainer.model)
     ]
 
