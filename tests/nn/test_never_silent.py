@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import trainact
+from testing.markers import needs_compile
 from trainact.maths import precision
 from trainact.testing import exact_tract_grad, reference_tract_grad, relative_error
 
@@ -284,6 +285,7 @@ def test_no_clipping_warning_on_the_legitimate_paths(monkeypatch, scaler):
 def _fgsm_inputs(case: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Photos as rows for an MLP: raw pixels or standardized, the first d of each photo."""
     pytest.importorskip("numpy")
+    pytest.importorskip("PIL")
     from testing.accuracy_cases import photos, standardized
 
     pixels, d, n = case.split()
@@ -336,6 +338,7 @@ def test_an_input_that_requires_grad_keeps_the_row_form_accuracy(case, how):
     assert torch.equal(model[0].bias.grad, plain[0].bias.grad)
 
 
+@needs_compile
 def test_an_input_that_requires_grad_under_torch_compile_is_exact():
     """The n×n form for an input that requires grad runs the layer eagerly (one graph break)."""
     x, _ = _fgsm_inputs("raw 784 16")

@@ -19,14 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 import trainact
 from testing import harness
-from trainact.nn import compat
+from testing.markers import needs_compile
 from trainact.testing import reference_tract_grad, relative_error
-
-#: torch.compile of a TrAct layer needs a newer torch than the core (below, it is refused)
-needs_compile = pytest.mark.skipif(
-    compat.torch_version() < compat.MINIMUM_TORCH["torch.compile"][0],
-    reason="torch.compile of a TrAct layer needs torch>=2.8",
-)
 
 
 def small_cnn(device: torch.device | None = None) -> nn.Sequential:
