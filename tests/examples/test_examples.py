@@ -122,7 +122,9 @@ def test_timm_train_script(tmp_path, cache_dir):
     assert last_accuracy(out) > 0.3  # 4 classes; the EMA copy (8 updates) lags behind
     plain = example("timm_train_script.py", "--tiny", "--clip-grad", "1.0", tmp_path=tmp_path,
                     cache_dir=cache_dir)  # fmt: skip
-    assert "applied in backward" in plain and last_accuracy(plain) > 0.5
+    assert "applied in backward" in plain and last_accuracy(plain) > 0.35  # chance: 0.25
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", plain)]
+    assert len(losses) == 2 and losses[1] < losses[0]  # it learns
 
 
 def test_torchrun_ddp_with_accumulation(tmp_path, cache_dir):
