@@ -23,7 +23,10 @@ The statistics of a backward pass belong to the gradient that pass accumulates i
   which it would precondition too;
 - :func:`finish` warns once when the gradient was scaled by a factor other than a power of two
   since its last pass: clipping before TrAct (a GradScaler's unscaling is a power of two, DDP's
-  averaging happens before a pass settles, and neither warns).
+  averaging happens before a pass settles, and neither warns);
+- a weight changed in place while its gradient was still plain, and whose gradient was then
+  cleared, was updated with a gradient TrAct never preconditioned (SAM's ``first_step``, a
+  hand-written update, anything the optimizer-step guard does not see): the next pass raises.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class _Held(NamedTuple):
 
     param: weakref.ref[Tensor]
     grad: weakref.ref[Tensor]
-    version: int
+    version: int  # the gradient's
+    param_version: int  # the parameter's own: an in-place update of the weight changes it
 
 
 class _Pending:
@@ -97,6 +101,7 @@ def accumulate(
             "batch (torch.cat), or use defer=False without gradient accumulation"
         )
     if entry.kept is not None and _cleared(entry):
+        _check_not_updated(entry, weight, label)
         entry.kept, entry.outside = None, None
     entry.task, entry.accumulated, entry.passing = task, False, stats.clone()
     with torch.no_grad():
@@ -123,6 +128,28 @@ def _cleared(entry: _Pending) -> bool:
         if values.numel() > 0 and bool(values.any()):
             return False  # moved or changed, not cleared
     return bool(entry.held)
+
+
+def _check_not_updated(entry: _Pending, weight: Tensor, label: str) -> None:
+    """Refuse a weight that changed in place since the last pass settled while its gradient
+    waited for ``precondition_`` and was then cleared: it was updated with the plain gradient.
+    Checked where one tensor holds both the weight and its gradient (not under FSDP2, whose
+    all-gathers rewrite the unsharded weight at every forward)."""
+    if len(entry.held) != 1 or is_fake(weight):
+        return
+    held = entry.held[0]
+    if held.param() is not weight or weight._version == held.param_version:
+        return
+    entry.kept, entry.outside = None, None  # (the refusal must not leave them for a retry)
+    raise RuntimeError(
+        f"TrAct (defer=True) on {label}: the weight was changed while its gradient still "
+        "waited for trainact.precondition_(model), and that gradient was then cleared: "
+        "something updated the weight with the plain gradient (SAM's first_step, a "
+        "hand-written update, an optimizer step the step guard does not see). Call "
+        "trainact.precondition_(model) after each backward whose gradient is used, before "
+        "the weight changes (with SAM: before first_step and before second_step, or before "
+        "step(closure)), or enable TrAct with defer=False"
+    )
 
 
 def _hook(layer: nn.Module, weight: Tensor) -> None:
@@ -181,7 +208,7 @@ def _settle(
     registered = None if layer is None else layer._parameters.get("weight")
     holders = [weight] if registered is None or registered is weight else [weight, registered]
     entry.held = [
-        _Held(weakref.ref(p), weakref.ref(p.grad), p.grad._version)
+        _Held(weakref.ref(p), weakref.ref(p.grad), p.grad._version, p._version)
         for p in holders
         if p is not None and p.grad is not None
     ]
