@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import trainact
-from trainact.experiments import cli, compare, plot, provenance, train
+from trainact.experiments import cli, compare, plot, provenance, runner, train
 
 
 def quick(**kw) -> train.Config:
@@ -314,7 +314,7 @@ def test_the_main_job_is_three_epochs_of_five_seeds_on_one_thread(monkeypatch):
     called = {}
 
     def fake_compare(cfg, seeds, out, **kw):
-        called.update(cfg=cfg, seeds=list(seeds), threads=torch.get_num_threads())
+        called.update(cfg=cfg, seeds=list(seeds), threads=torch.get_num_threads(), **kw)
 
     monkeypatch.setattr(compare, "compare", fake_compare)
     threads = torch.get_num_threads()
@@ -332,6 +332,9 @@ def test_the_main_job_is_three_epochs_of_five_seeds_on_one_thread(monkeypatch):
     )
     assert cfg.train_subset is None and cfg.test_subset is None  # all 10,000 and 2,000 images
     assert called["seeds"] == [0, 1, 2, 3, 4] and called["threads"] == 1
+    # its 10 runs side by side on the usable cores, one thread each
+    assert called["jobs"] == runner.default_jobs(torch.device("cpu"), runs=10, threads=1)
+    assert cli.main(["compare", "--jobs", "0"]) == 1
 
 
 def test_help_and_version_import_no_training_code():

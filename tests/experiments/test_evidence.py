@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainact.experiments import cli, compare, provenance, train
+from trainact.experiments import cli, compare, provenance, runner, train
 from trainact.experiments.evidence import (
     compare_evidence,
     compare_verdict,
@@ -301,16 +301,16 @@ def test_lambda_and_lambdas_together_are_refused(tmp_path, capsys):
 
 def test_lambda_sweep_trains_the_baseline_once_per_budget_and_seed(folder, tmp_path, monkeypatch):
     runs = []
-    real = compare.train
+    real = runner.train
 
     def counting(cfg, run_dir, **kw):
         runs.append((cfg.epochs, cfg.seed, cfg.method, cfg.lam if cfg.method == "tract" else None))
         return real(cfg, run_dir, **kw)
 
-    monkeypatch.setattr(compare, "train", counting)
+    monkeypatch.setattr(runner, "train", counting)
     argv = ["sweep", "--dataset", str(folder), "--data-dir", str(tmp_path / "cache"),
             "--budgets", "1", "--seeds", "0", "1", "--lams", "0.1", "10", "--batch-size", "32",
-            "--out", str(tmp_path / "sweep"), "--no-progress"]  # fmt: skip
+            "--out", str(tmp_path / "sweep"), "--no-progress", "--jobs", "1"]  # fmt: skip
     assert cli.main(argv) == 0
     assert sorted(runs, key=str) == sorted(
         [(1, s, "baseline", None) for s in (0, 1)]

@@ -102,6 +102,16 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool) -> None:
     )
 
 
+def _add_jobs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="runs trained at once, each in its own process, with the same results (default on "
+        "a CPU device: as many as the usable cores hold at --threads each; otherwise 1)",
+    )
+
+
 def _dataset_as_given(dataset: str) -> str:
     """A dataset path as it is recorded: relative to the current directory (so that results
     name no particular machine's directories); names and relative paths as given."""
@@ -214,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
         help="output directory (default runs/compare-<time>); "
         "an existing one of the same comparison is resumed",
     )
+    _add_jobs_arg(p)
     p = sub.add_parser(
         "sweep",
         help="epoch budgets x methods x seeds, like the paper's Fig. 3",
@@ -240,6 +251,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="output directory (default runs/sweep-<time>); rerun with the same --out to resume",
     )
+    _add_jobs_arg(p)
     p = sub.add_parser(
         "plot",
         help="redraw the figure of a compare or sweep directory, or draw the final accuracies "
@@ -307,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainact.experiments.compare import compare, sweep
     from trainact.experiments.presets import get_preset
     from trainact.experiments.rundir import saved_job
+    from trainact.experiments.runner import default_jobs
     from trainact.experiments.train import NonFiniteLoss, resolve_device, train
 
     progress = getattr(args, "progress", None) is not False
@@ -349,8 +362,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         seeds = args.seeds or DEFAULT_SEEDS
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+        runs = len(seeds) * (
+            2 if args.command == "compare" else len(budgets) * (1 + len(args.lams or (0,)))
+        )
+        jobs = args.jobs or default_jobs(resolve_device(cfg.device), runs)
         if args.command == "compare":
-            compare(cfg, seeds, args.out or _default_out("compare"), progress=progress)
+            compare(cfg, seeds, args.out or _default_out("compare"), jobs=jobs, progress=progress)
         else:
             sweep(
                 cfg,
@@ -359,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out or _default_out("sweep"),
                 lams=args.lams,
                 config_for_budget=lambda e: build_config(args, method="baseline", epochs=e),
+                jobs=jobs,
                 progress=progress,
             )
     except (ValueError, OSError, RuntimeError) as err:

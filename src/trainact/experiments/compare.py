@@ -25,13 +25,8 @@ from trainact.experiments.evidence import (
 from trainact.experiments.plot import figure_title, plot_budgets, plot_curves, plot_lams
 from trainact.experiments.provenance import code_identity
 from trainact.experiments.rundir import append_jsonl, claim, read_jsonl, write_json, write_jsonl
-from trainact.experiments.train import (
-    RESUMABLE_CHANGES,
-    environment,
-    load_data,
-    resolve_device,
-    train,
-)
+from trainact.experiments.runner import Run, train_runs
+from trainact.experiments.train import RESUMABLE_CHANGES, environment, load_data, resolve_device
 
 
 def _distinct(name: str, values: Sequence[int]) -> list[int]:
@@ -49,11 +44,13 @@ class TimeLeft:
     """The time left over the runs of a compare or sweep, from the epochs timed so far.
 
     Seconds per epoch are the mean over every finished epoch seen (resumed ones included, from
-    their records); a run's epochs are counted as they finish.
+    their records); a run's epochs are counted as they finish; ``jobs`` runs train at once.
     """
 
-    def __init__(self, epochs_of_runs: Sequence[int]) -> None:
+    def __init__(self, epochs_of_runs: Sequence[int], jobs: int = 1) -> None:
         self.total = sum(epochs_of_runs)
+        self.longest = max(epochs_of_runs, default=1)
+        self.jobs = jobs
         self.done = 0
         self.seconds: list[float] = []
 
@@ -71,7 +68,9 @@ class TimeLeft:
             return "no epoch left"
         if not self.seconds:
             return f"{left} epochs left, time unknown until one has run"
-        return f"about {_duration(left * sum(self.seconds) / len(self.seconds))} left"
+        at_once = max(1, min(self.jobs, math.ceil(left / self.longest)))
+        per_epoch = sum(self.seconds) / len(self.seconds)
+        return f"about {_duration(left * per_epoch / at_once)} left"
 
 
 def _duration(seconds: float) -> str:
@@ -99,6 +98,7 @@ def compare(
     out_dir: str | Path,
     *,
     data: ImageDataset | None = None,
+    jobs: int = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -107,6 +107,8 @@ def compare(
     accuracy.png (against epochs and against training time).
 
     ``data`` replaces the dataset ``cfg`` names (already loaded, for tests and notebooks).
+    ``jobs`` runs train at once, each in its own process (the same results, in less time where
+    there are cores for them: :func:`trainact.experiments.runner.default_jobs`).
     ``out_dir`` is claimed for this comparison; rerun with the same values it resumes.
     """
     out = Path(out_dir)
@@ -121,7 +123,7 @@ def compare(
     with claim(out, "compare", identity, mutable=RESUMABLE_CHANGES, env=env) as resuming:
         if resuming:
             log(f"resuming the comparison in {out}")
-        return _compare(cfg, seeds, runs, out, identity, data, progress, log)
+        return _compare(cfg, seeds, runs, out, identity, data, jobs, progress, log)
 
 
 def _compare(
@@ -131,6 +133,7 @@ def _compare(
     out: Path,
     identity: dict[str, Any],
     data: ImageDataset | None,
+    jobs: int,
     progress: bool,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -143,7 +146,7 @@ def _compare(
     )
     combined = out / "results.jsonl"
     earlier = _rebuild(combined, [d for _, d in runs])
-    left = TimeLeft([cfg.epochs] * len(runs))
+    left = TimeLeft([cfg.epochs] * len(runs), jobs)
     for record in earlier:
         left.add(record)
 
@@ -156,9 +159,19 @@ def _compare(
             f"{record['seconds']:.1f} s; {left.text()}"
         )
 
-    for k, (run_cfg, run_dir) in enumerate(runs, 1):
-        log(f"run {k} of {len(runs)}: {run_cfg.method} seed {run_cfg.seed} ({left.text()})")
-        train(run_cfg, run_dir, resume=True, data=data, on_epoch=append, progress=progress)
+    def start(run: Run) -> None:
+        what = f"{run.cfg.method} seed {run.cfg.seed}"
+        log(f"run {run.number} of {len(runs)}: {what} ({left.text()})")
+
+    train_runs(
+        [Run(k, run_cfg, run_dir) for k, (run_cfg, run_dir) in enumerate(runs, 1)],
+        data,
+        jobs=jobs,
+        progress=progress,
+        on_start=start,
+        on_epoch=append,
+        on_end=lambda run, records: None,
+    )
     records = _rebuild(combined, [d for _, d in runs])
 
     stats = mean_std_by(records, "epoch")
@@ -220,10 +233,12 @@ def sweep(
     *,
     lams: Sequence[float] | None = None,
     config_for_budget: Callable[[int], Config] | None = None,
+    jobs: int = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Every (budget, method, seed) run to its end; finished runs are skipped on a rerun.
+    """Every (budget, method, seed) run to its end, ``jobs`` at once (as :func:`compare`);
+    finished runs are skipped on a rerun.
 
     ``lams`` sweeps TrAct's λ: each budget and seed then has one baseline run and one TrAct run
     per λ (the baseline does not depend on λ, so it is trained once), and TrAct's records carry
@@ -255,7 +270,7 @@ def sweep(
                 runs.append((tract_cfg, lam, out / name))
     env = environment(resolve_device(cfg.device))
     with claim(out, "sweep", identity, mutable=RESUMABLE_CHANGES, env=env):
-        return _sweep(cfg, runs, seeds, lams, out, identity, progress, log)
+        return _sweep(cfg, runs, seeds, lams, out, identity, jobs, progress, log)
 
 
 def _sweep(
@@ -265,13 +280,14 @@ def _sweep(
     lams: tuple[float, ...] | None,
     out: Path,
     identity: dict[str, Any],
+    jobs: int,
     progress: bool,
     log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     data = load_data(cfg, progress)
     finals_path = out / "sweep.jsonl"
     finals, done = [], set()
-    left = TimeLeft([run_cfg.epochs for run_cfg, _, _ in runs])
+    left = TimeLeft([run_cfg.epochs for run_cfg, _, _ in runs], jobs)
     for run_cfg, lam, run_dir in runs:
         record = _final_record(run_dir)
         if record is not None:
@@ -279,22 +295,31 @@ def _sweep(
             done.add(run_dir)
             left.skip(run_cfg.epochs)
     write_jsonl(finals_path, finals)
+    lam_of, started = {}, {}
+    to_train = []
     for k, (run_cfg, lam, run_dir) in enumerate(runs, 1):
         if run_dir in done:
             log(f"run {k} of {len(runs)}: skip {run_dir.name}: finished")
-            continue
-        log(f"run {k} of {len(runs)}: {run_dir.name} ({left.text()})")
-        started = time.perf_counter()
-        record = train(
-            run_cfg, run_dir, resume=True, data=data, progress=progress, on_epoch=left.add
-        )[-1]
-        record = {**_with_lam(record, lam), "code": code_identity()}
+        else:
+            to_train.append(Run(k, run_cfg, run_dir))
+            lam_of[k] = lam
+
+    def start(run: Run) -> None:
+        log(f"run {run.number} of {len(runs)}: {run.out.name} ({left.text()})")
+        started[run.number] = time.perf_counter()
+
+    def end(run: Run, records: list[dict[str, Any]]) -> None:
+        record = {**_with_lam(records[-1], lam_of[run.number]), "code": code_identity()}
         append_jsonl(finals_path, record)
         finals.append(record)
         log(
-            f"{run_dir.name}: test accuracy {100 * record['test_acc']:.2f} % "
-            f"({_duration(time.perf_counter() - started)})"
+            f"{run.out.name}: test accuracy {100 * record['test_acc']:.2f} % "
+            f"({_duration(time.perf_counter() - started[run.number])})"
         )
+
+    train_runs(
+        to_train, data, jobs=jobs, progress=progress, on_start=start, on_epoch=left.add, on_end=end
+    )
     title = figure_title(cfg.model, cfg.dataset, len(seeds))
     plot_budgets(finals, out / "budgets.png", title)
     if lams is not None:
