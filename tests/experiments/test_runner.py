@@ -86,6 +86,14 @@ def test_default_jobs_fill_the_usable_cores_on_a_cpu_only():
         runner.train_runs([], None, jobs=0, on_start=print, on_epoch=print, on_end=print)
 
 
+def test_default_jobs_leave_each_worker_its_memory(monkeypatch):
+    """A many-core machine with little free memory gets no more workers than it holds."""
+    monkeypatch.setattr(runner, "_available_memory", lambda: int(2.5 * runner.WORKER_BYTES))
+    assert runner.default_jobs(torch.device("cpu"), runs=10, threads=1) <= 2
+    monkeypatch.setattr(runner, "_available_memory", lambda: 0)
+    assert runner.default_jobs(torch.device("cpu"), runs=10, threads=1) == 1
+
+
 def test_time_left_is_shared_among_the_jobs():
     left = compare.TimeLeft([2, 2, 2, 2], jobs=2)
     left.add({"seconds": 10.0})
