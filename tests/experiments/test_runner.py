@@ -69,7 +69,8 @@ def test_a_worker_that_dies_without_reporting_stops_the_job(tmp_path):
     process.join()
     run = runner.Run(1, quick(), tmp_path / "baseline-seed0")
     with pytest.raises(RuntimeError, match=r"baseline-seed0 stopped \(exit code 3\)"):
-        runner._check_alive({1: process}, {1: run}, {})
+        runner._check_alive([process], {process.pid: run}, {})
+    runner._check_alive([process], {}, {})  # a worker that ran out of runs: nothing to say
 
 
 def test_default_jobs_fill_the_usable_cores_on_a_cpu_only():

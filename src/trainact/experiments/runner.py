@@ -101,77 +101,90 @@ def _in_workers(
     on_end: Callable[[Run, list[dict[str, Any]]], None],
 ) -> None:
     context = multiprocessing.get_context("spawn")
-    events = context.Queue()
+    tasks, events = context.Queue(), context.Queue()
+    workers = [
+        context.Process(
+            target=_worker, args=(data, torch.get_num_threads(), tasks, events), daemon=True
+        )
+        for _ in range(min(jobs, len(runs)))
+    ]
+    for item in [*runs, *[None] * len(workers)]:  # each worker stops at its None
+        tasks.put(item)
+    for worker in workers:
+        worker.start()
     by_number = {run.number: run for run in runs}
-    waiting = list(runs)
-    active: dict[int, multiprocessing.process.BaseProcess] = {}
-    threads = torch.get_num_threads()
+    running: dict[int, Run] = {}  # worker pid -> the run it reported starting and not ending
     exited: dict[int, float] = {}  # workers gone before their last report was read: since when
+    ended = 0
     try:
-        while waiting or active:
-            while waiting and len(active) < jobs:
-                run = waiting.pop(0)
-                worker = context.Process(
-                    target=_worker, args=(run, data, threads, events), daemon=True
-                )
-                worker.start()
-                active[run.number] = worker
+        while ended < len(runs):
             try:
                 kind, number, payload = events.get(timeout=1.0)
             except queue.Empty:
-                _check_alive(active, by_number, exited)
+                _check_alive(workers, running, exited)
                 continue
             run = by_number[number]
             if kind == "start":
+                running[payload] = run
                 on_start(run)
             elif kind == "epoch":
                 on_epoch(payload)
             elif kind == "end":
-                active.pop(number).join()
+                running = {pid: r for pid, r in running.items() if r is not run}
+                ended += 1
                 on_end(run, payload)
             else:  # "error": the worker's exception, raised here
                 raise payload
+        for worker in workers:  # each has its None: let it exit on its own
+            worker.join(timeout=10)
     finally:
-        for process in active.values():
-            process.terminate()
-            process.join()
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+        tasks.close()
         events.close()
 
 
 def _check_alive(
-    active: dict[int, multiprocessing.process.BaseProcess],
-    by_number: dict[int, Run],
+    workers: Sequence[multiprocessing.process.BaseProcess],
+    running: dict[int, Run],
     exited: dict[int, float],
 ) -> None:
-    """A worker that died without reporting (killed, out of memory) stops the job; one that
-    exited normally gets a few seconds for its last report to arrive."""
-    for number, worker in active.items():
-        if worker.is_alive():
+    """A worker that died in a run without reporting (killed, out of memory) stops the job; one
+    that exited normally gets a few seconds for its last report to arrive."""
+    for worker in workers:
+        if worker.is_alive() or worker.pid not in running:
             continue
-        first_seen = exited.setdefault(number, time.monotonic())
+        first_seen = exited.setdefault(worker.pid, time.monotonic())
         if worker.exitcode != 0 or time.monotonic() - first_seen > 10:
             raise RuntimeError(
-                f"the worker training {by_number[number].out.name} stopped (exit code "
+                f"the worker training {running[worker.pid].out.name} stopped (exit code "
                 f"{worker.exitcode}) without finishing; rerun with the same --out to resume"
             )
 
 
-def _worker(run: Run, data: ImageDataset, threads: int, events: Any) -> None:
+def _worker(data: ImageDataset, threads: int, tasks: Any, events: Any) -> None:
+    """Train the runs taken from ``tasks`` until a None, reporting to ``events``."""
     torch.set_num_threads(threads)
     parent = os.getppid()
+    while (run := tasks.get()) is not None:
 
-    def report(record: dict[str, Any]) -> None:
-        events.put(("epoch", run.number, record))
-        if os.getppid() != parent:  # the job was killed: stop at this epoch (it resumes)
-            raise SystemExit(f"the job of {run.out.name} is gone")
+        def report(record: dict[str, Any], run: Run = run) -> None:
+            events.put(("epoch", run.number, record))
+            if os.getppid() != parent:  # the job was killed: stop at this epoch (it resumes)
+                raise SystemExit(f"the job of {run.out.name} is gone")
 
-    try:
-        events.put(("start", run.number, None))
-        records = train(run.cfg, run.out, resume=True, data=data, progress=False, on_epoch=report)
-        events.put(("end", run.number, records))
-    except BaseException as err:  # reported to the parent, which raises it
         try:
-            pickle.dumps(err)
-        except Exception:
-            err = RuntimeError(f"{type(err).__name__}: {err}")
-        events.put(("error", run.number, err))
+            events.put(("start", run.number, os.getpid()))
+            records = train(
+                run.cfg, run.out, resume=True, data=data, progress=False, on_epoch=report
+            )
+            events.put(("end", run.number, records))
+        except BaseException as err:  # reported to the parent, which raises it
+            try:
+                pickle.dumps(err)
+            except Exception:
+                err = RuntimeError(f"{type(err).__name__}: {err}")
+            events.put(("error", run.number, err))
+            return
