@@ -83,6 +83,14 @@ def test_default_jobs_fill_the_usable_cores_on_a_cpu_only():
         runner.train_runs([], None, jobs=0, on_start=print, on_epoch=print, on_end=print)
 
 
+def test_compare_without_jobs_asks_the_machine(tiny, tmp_path, monkeypatch):
+    """jobs=None (the command's default) is resolved from the device and the number of runs."""
+    asked = []
+    monkeypatch.setattr(compare, "default_jobs", lambda *a: asked.append(a) or 1)
+    compare.compare(quick(epochs=1), [0], tmp_path / "c", data=tiny, jobs=None, log=len)
+    assert asked == [(torch.device("cpu"), 2)]
+
+
 def test_default_jobs_leave_each_worker_its_memory(monkeypatch):
     """A many-core machine with little free memory gets no more workers than it holds."""
     monkeypatch.setattr(runner, "_available_memory", lambda: int(2.5 * runner.WORKER_BYTES))

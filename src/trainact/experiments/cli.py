@@ -319,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     from trainact.experiments.compare import compare, sweep
     from trainact.experiments.presets import get_preset
     from trainact.experiments.rundir import saved_job
-    from trainact.experiments.runner import default_jobs
     from trainact.experiments.train import NonFiniteLoss, resolve_device, train
 
     progress = getattr(args, "progress", None) is not False
@@ -364,10 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.seeds or DEFAULT_SEEDS
         if args.jobs is not None and args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-        runs = len(seeds) * (
-            2 if args.command == "compare" else len(budgets) * (1 + len(args.lams or (0,)))
-        )
-        jobs = args.jobs or default_jobs(resolve_device(cfg.device), runs)
+        jobs = args.jobs  # None: as many as the machine holds (runner.default_jobs)
         if args.command == "compare":
             compare(cfg, seeds, args.out or _default_out("compare"), jobs=jobs, progress=progress)
         else:

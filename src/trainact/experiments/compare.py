@@ -25,7 +25,7 @@ from trainact.experiments.evidence import (
 from trainact.experiments.plot import figure_title, plot_budgets, plot_curves, plot_lams
 from trainact.experiments.provenance import code_identity
 from trainact.experiments.rundir import append_jsonl, claim, read_jsonl, write_json, write_jsonl
-from trainact.experiments.runner import Run, train_runs
+from trainact.experiments.runner import Run, default_jobs, train_runs
 from trainact.experiments.train import RESUMABLE_CHANGES, environment, load_data, resolve_device
 
 
@@ -98,7 +98,7 @@ def compare(
     out_dir: str | Path,
     *,
     data: ImageDataset | None = None,
-    jobs: int = 1,
+    jobs: int | None = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def compare(
 
     ``data`` replaces the dataset ``cfg`` names (already loaded, for tests and notebooks).
     ``jobs`` runs train at once, each in its own process (the same results, in less time where
-    there are cores for them: :func:`trainact.experiments.runner.default_jobs`).
+    there are cores for them; None: :func:`trainact.experiments.runner.default_jobs`).
     ``out_dir`` is claimed for this comparison; rerun with the same values it resumes.
     """
     out = Path(out_dir)
@@ -119,7 +119,9 @@ def compare(
         for m in METHODS
     ]
     identity = {"config": {**dataclasses.asdict(cfg), "method": "*"}, "seeds": seeds}
-    env = environment(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    jobs = default_jobs(device, len(runs)) if jobs is None else jobs
+    env = environment(device)
     with claim(out, "compare", identity, mutable=RESUMABLE_CHANGES, env=env) as resuming:
         if resuming:
             log(f"resuming the comparison in {out}")
@@ -233,7 +235,7 @@ def sweep(
     *,
     lams: Sequence[float] | None = None,
     config_for_budget: Callable[[int], Config] | None = None,
-    jobs: int = 1,
+    jobs: int | None = 1,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
@@ -268,7 +270,9 @@ def sweep(
                 tract_lam = lam if lam else budget_cfg.lam
                 tract_cfg = dataclasses.replace(budget_cfg, method="tract", seed=s, lam=tract_lam)
                 runs.append((tract_cfg, lam, out / name))
-    env = environment(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    jobs = default_jobs(device, len(runs)) if jobs is None else jobs
+    env = environment(device)
     with claim(out, "sweep", identity, mutable=RESUMABLE_CHANGES, env=env):
         return _sweep(cfg, runs, seeds, lams, out, identity, jobs, progress, log)
 
